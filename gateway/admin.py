@@ -1,0 +1,142 @@
+"""The admin listener: registry API, /metrics, /healthz, /readyz, /routes."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import GatewayError, error_response, to_response
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.routing import BadPath, host_name, normalize_path
+from registry import api as registry_api
+from registry.runtime import RegistryRuntime
+from registry.store import Registry
+
+PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+TOKEN = web.AppKey("token", str)
+READINESS = web.AppKey("readiness", dict)  # {"reason": str} when degraded
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error of the admin listener is SPEC's JSON error shape."""
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return to_response(error)
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            405, "method_not_allowed", f"{request.method} not allowed here", {"Allow": allow}
+        )
+    except web.HTTPNotFound:
+        return error_response(404, "not_found", f"nothing at {request.path}")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "payload_too_large", "body too large")
+
+
+@web.middleware
+async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app.get(TOKEN)
+    if token and (request.path == "/registry" or request.path.startswith("/registry/")):
+        sent = request.headers.get("Authorization", "")
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            raise GatewayError(
+                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    reason = request.app[READINESS].get("reason")
+    if reason:
+        return web.json_response({"status": "degraded", "reason": reason}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].collector_registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def routes(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    registry = proxy.registry
+    if "path" in request.query:
+        try:
+            path = normalize_path(request.query["path"].split("?", 1)[0])
+        except BadPath as exc:
+            raise GatewayError(400, "bad_path", str(exc)) from None
+        match = proxy.table.match(host_name(request.query.get("host")), path)
+        if match is None:
+            raise GatewayError(404, "no_route", f"no route for {path}")
+        route = match.route
+        return web.json_response(
+            {
+                "match": {
+                    "host": route.host,
+                    "prefix": route.prefix,
+                    "service": route.service,
+                    "upstream_path": match.upstream_path,
+                }
+            }
+        )
+    now = registry.clock()
+    listed = []
+    for route in proxy.table.routes:
+        try:
+            instances = registry.instances(route.service)
+        except LookupError:
+            instances = []
+        listed.append(
+            {
+                "host": route.host,
+                "prefix": route.prefix,
+                "service": route.service,
+                "strip_prefix": route.strip_prefix,
+                "instances": len(instances),
+                "healthy": sum(1 for i in instances if i.routable(now)),
+            }
+        )
+    return web.json_response({"routes": listed})
+
+
+def build_admin_app(
+    proxy: Proxy,
+    registry: Registry,
+    runtime: RegistryRuntime,
+    gateway_metrics: GatewayMetrics,
+    token: str | None,
+    readiness: dict[str, str],
+) -> web.Application:
+    app = web.Application(
+        middlewares=[json_errors, bearer_token, registry_api.registry_errors],
+        client_max_size=registry_api.MAX_BODY,
+    )
+    app[PROXY] = proxy
+    app[METRICS] = gateway_metrics
+    app[registry_api.REGISTRY] = registry
+    app[registry_api.RUNTIME] = runtime
+    app[READINESS] = readiness
+    if token:
+        app[TOKEN] = token
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/routes", routes)
+    registry_api.add_routes(app)
+    return app

@@ -1,0 +1,179 @@
+"""Assembles the gateway from a Config and runs its two listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.admin import build_admin_app
+from gateway.config import Config
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.routing import RouteTable
+from gateway.upstream import UpstreamClient
+from registry.runtime import RegistryRuntime
+from registry.store import Registry
+
+log = logging.getLogger("gateway")
+
+SHUTDOWN_GRACE = 30.0
+
+
+class StartupError(Exception):
+    """A reason not to start, said in one line."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token(config: Config) -> str | None:
+    """The admin bearer token, from the variable ``admin.token_env`` names."""
+    if config.admin.token_env is None:
+        return None
+    return os.environ.get(config.admin.token_env) or None
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        listen: tuple[str, int] | None = None,
+        admin_listen: tuple[str, int] | None = None,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+    ) -> None:
+        self.config = config
+        self.listen = listen or config.listen
+        self.admin_listen = admin_listen or config.admin.listen
+        self.shutdown_grace = shutdown_grace
+        self.token = admin_token(config)
+        if not _is_loopback(self.admin_listen[0]) and not self.token:
+            variable = config.admin.token_env or "GATEWAY_ADMIN_TOKEN"
+            raise StartupError(
+                f"admin listener {self.admin_listen[0]}:{self.admin_listen[1]} is not on "
+                f"loopback and no admin token is set: export {variable}=<secret> "
+                f"(named by admin.token_env in {config.path or 'routes.yaml'}) "
+                "or listen on 127.0.0.1"
+            )
+        self.registry = Registry(
+            clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
+        )
+        for route in config.routes:
+            self.registry.declare(route.service)
+        for name, service in config.services.items():
+            self.registry.declare(name)
+            self.registry.set_static(name, service.instances)
+        self.runtime = RegistryRuntime(self.registry)
+        self.metrics = GatewayMetrics(self.registry)
+        self.readiness: dict[str, str] = {}
+        self._runners: list[web.BaseRunner] = []
+        self._client: UpstreamClient | None = None
+        self.proxy: Proxy | None = None
+
+    async def start(self) -> None:
+        self._client = UpstreamClient()
+        self.proxy = Proxy(
+            RouteTable(self.config.routes), self.registry, self.metrics, self._client
+        )
+        proxy_server = web.Server(
+            self.proxy.handle,
+            handler_cancellation=True,  # a client that disconnects cancels its upstream call
+            access_log=None,
+            keepalive_timeout=self.config.proxy.idle_timeout,
+        )
+        admin_app = build_admin_app(
+            self.proxy, self.registry, self.runtime, self.metrics, self.token, self.readiness
+        )
+        proxy_runner = web.ServerRunner(
+            proxy_server, handle_signals=False, shutdown_timeout=self.shutdown_grace
+        )
+        admin_runner = web.AppRunner(
+            admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        try:
+            for runner, (host, port) in (
+                (proxy_runner, self.listen),
+                (admin_runner, self.admin_listen),
+            ):
+                await runner.setup()
+                self._runners.append(runner)
+                try:
+                    await web.TCPSite(runner, host, port, backlog=1024).start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                    ) from None
+        except BaseException:
+            await self.stop()
+            raise
+        self.runtime.start()
+
+    @property
+    def proxy_port(self) -> int:
+        return _port(self._runners[0])
+
+    @property
+    def admin_port(self) -> int:
+        return _port(self._runners[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the grace), close."""
+        self.runtime.stop()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _port(runner: web.BaseRunner) -> int:
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+async def serve(gateway: Gateway) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await gateway.start()
+    log.info(
+        "proxy listening on %s:%d, admin on %s:%d, %d routes",
+        gateway.listen[0],
+        gateway.proxy_port,
+        gateway.admin_listen[0],
+        gateway.admin_port,
+        len(gateway.config.routes),
+    )
+    gc.collect()
+    gc.freeze()  # start-up objects never need scanning again; shorter GC pauses
+    await stopping.wait()
+    log.info("shutting down: waiting up to %.0fs for requests in flight", gateway.shutdown_grace)
+    await gateway.stop()
+    log.info("stopped")
+
+
+def run(gateway: Gateway) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(gateway))
+    else:
+        uvloop.run(serve(gateway))

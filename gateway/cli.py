@@ -1,0 +1,138 @@
+"""The command line (SPEC section 2). Errors are one line; exit 0 ok, 1 failed, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.config import Config, ConfigError, describe_routes, load_config, parse_listen
+
+DEFAULT_ADMIN = "http://127.0.0.1:8081"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"gateway: {message} (see gateway {self.prog.split()[-1]} --help)\n")
+
+
+def _listen(value: str) -> tuple[str, int]:
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"workers must be a positive integer, not {value!r}")
+    return workers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gateway", description="API gateway with a built-in service registry")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the gateway")
+    run.add_argument("--config", default="routes.yaml", help="config file (default ./routes.yaml)")
+    run.add_argument("--listen", type=_listen, metavar="H:P", help="proxy listener")
+    run.add_argument("--admin-listen", type=_listen, metavar="H:P", help="admin listener")
+    run.add_argument("--workers", type=_workers, default=1, metavar="N")
+    run.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], type=str.lower
+    )
+
+    check = commands.add_parser("check", help="validate a config and print its routing table")
+    check.add_argument("--config", default="routes.yaml")
+
+    services = commands.add_parser("services", help="list services and instances")
+    services.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
+    services.add_argument("--token", help="admin bearer token")
+
+    register = commands.add_parser("register", help="register an instance and keep it alive")
+    register.add_argument("service")
+    register.add_argument("address", metavar="HOST:PORT")
+    register.add_argument("--ttl", default="30s")
+    register.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
+    register.add_argument("--token", help="admin bearer token")
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway, StartupError, run
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = _load(args.config)
+    if config is None:
+        return 1
+    if args.workers > 1:
+        print(
+            "gateway: --workers > 1 needs a registry shared between workers "
+            "(registry.backend: etcd), which this version does not have yet; use --workers 1",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        gateway = Gateway(config, listen=args.listen, admin_listen=args.admin_listen)
+        run(gateway)
+    except StartupError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.config import shadow_warnings
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    for line in describe_routes(config):
+        print(line)
+    for warning in shadow_warnings(config):
+        print(warning, file=sys.stderr)
+    print(f"{args.config}: ok, {len(config.routes)} routes")
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from registry.client import print_services
+
+    return print_services(args.admin, args.token)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from registry.client import run_sidecar
+
+    return run_sidecar(args.admin, args.token, args.service, args.address, args.ttl)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "services": cmd_services, "register": cmd_register}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The registry HTTP API (SPEC section 4): translates between HTTP and registry.store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError
+from registry.models import Instance, InvalidField, validate_service_name
+from registry.runtime import RegistryRuntime
+from registry.store import Registry, UnknownInstance, UnknownService
+from registry.units import parse_duration
+
+REGISTRY = web.AppKey("registry", Registry)
+RUNTIME = web.AppKey("registry_runtime", RegistryRuntime)
+
+MAX_BODY = 64 * 1024
+MAX_WAIT = 300.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200, index: int | None = None) -> web.Response:
+    headers = {"X-Registry-Index": str(index)} if index is not None else None
+    return web.json_response(data, status=status, headers=headers)
+
+
+async def _read_body(request: web.Request) -> Mapping[str, Any]:
+    if request.content_type != "application/json":
+        raise GatewayError(415, "unsupported_media_type", "body must be application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(400, "invalid_json", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "invalid_json", "body must be a JSON object")
+    return body
+
+
+def _service_name(request: web.Request) -> str:
+    return validate_service_name(request.match_info["service"])
+
+
+def _registration(instance: Instance) -> dict[str, Any]:
+    data = instance.to_dict()
+    ttl = instance.ttl if instance.ttl is not None else 0.0
+    data["ttl"] = ttl
+    data["heartbeat_interval"] = ttl / 3
+    return data
+
+
+async def register(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    name = _service_name(request)
+    body = await _read_body(request)
+    instance, created = registry.register(name, body)
+    return _json(_registration(instance), status=201 if created else 200)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    instance = registry.renew(_service_name(request), request.match_info["id"])
+    return _json(_registration(instance))
+
+
+async def update(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    name = _service_name(request)
+    body = await _read_body(request)
+    instance = registry.update(name, request.match_info["id"], body)
+    return _json(instance.to_dict())
+
+
+async def deregister(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    registry.deregister(_service_name(request), request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    now = registry.clock()
+    services = []
+    for name in registry.service_names():
+        instances = registry.instances(name)
+        healthy = sum(1 for i in instances if i.routable(now))
+        services.append({"name": name, "instances": len(instances), "healthy": healthy})
+    return _json({"services": services}, index=registry.index)
+
+
+async def get_service(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    name = request.match_info["service"]
+    try:
+        known_index = registry.service_index(name)
+    except UnknownService:
+        raise GatewayError(404, "unknown_service", f"no service {name!r}") from None
+    if "index" in request.query:
+        index = _query_index(request.query["index"])
+        wait = _query_wait(request.query.get("wait", "5m"))
+        if index > 0 and index >= known_index:
+            await request.app[RUNTIME].wait_for_change(name, index, wait)
+    instances = registry.instances(name)
+    return _json(
+        {"name": name, "instances": [i.to_dict() for i in instances]},
+        index=registry.service_index(name),
+    )
+
+
+def _query_index(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise GatewayError(400, "invalid_index", "index must be an integer") from None
+
+
+def _query_wait(value: str) -> float:
+    try:
+        return min(parse_duration(value), MAX_WAIT)
+    except ValueError as exc:
+        raise GatewayError(400, "invalid_wait", str(exc)) from None
+
+
+@web.middleware
+async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Store exceptions become GatewayErrors; the admin app renders those as JSON."""
+    try:
+        return await handler(request)
+    except InvalidField as exc:
+        raise GatewayError(400, exc.code, exc.message) from None
+    except (UnknownInstance, UnknownService) as exc:
+        raise GatewayError(404, exc.code, str(exc.args[0])) from None
+
+
+def add_routes(app: web.Application) -> None:
+    base = "/registry/services"
+    instance = base + "/{service}/instances/{id}"
+    app.router.add_get(base, list_services)
+    app.router.add_get(base + "/{service}", get_service)
+    app.router.add_post(base + "/{service}/instances", register)
+    app.router.add_put(instance + "/heartbeat", heartbeat)
+    app.router.add_patch(instance, update)
+    app.router.add_delete(instance, deregister)

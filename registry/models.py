@@ -1,0 +1,165 @@
+"""Registry data: instances and the validation rules of SPEC section 4. Pure."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from registry.units import parse_duration
+
+SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,128}")
+_HOSTNAME_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+MAX_METADATA_KEYS = 64
+STATES = ("up", "draining")
+SCHEMES = ("http", "https")
+
+
+class InvalidField(ValueError):
+    """A registration field fails validation; ``code`` is ``invalid_<field>``."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.code = f"invalid_{field_name}"
+        self.message = message
+
+
+@dataclass
+class Instance:
+    service: str
+    id: str
+    host: str
+    port: int
+    scheme: str = "http"
+    weight: int = 1
+    state: str = "up"
+    health: str = "healthy"
+    metadata: dict[str, str] = field(default_factory=dict)
+    registered_at: float = 0.0
+    last_heartbeat: float = 0.0
+    ttl: float | None = None  # None: a static instance from routes.yaml, never expires
+    expires_at: float | None = None
+    in_flight: int = 0
+    deregister_when_idle: bool = False
+
+    @property
+    def static(self) -> bool:
+        return self.ttl is None
+
+    @property
+    def address(self) -> str:
+        """host:port as used in a Host header or URL authority."""
+        return format_address(self.host, self.port)
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    def routable(self, now: float) -> bool:
+        return self.state == "up" and self.health == "healthy" and self.live(now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "port": self.port,
+            "scheme": self.scheme,
+            "weight": self.weight,
+            "state": self.state,
+            "health": self.health,
+            "in_flight": self.in_flight,
+            "metadata": dict(self.metadata),
+            "registered_at": rfc3339(self.registered_at),
+            "last_heartbeat": rfc3339(self.last_heartbeat),
+            "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
+        }
+
+
+def rfc3339(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def validate_service_name(value: object) -> str:
+    if not isinstance(value, str) or not SERVICE_NAME_RE.fullmatch(value):
+        raise InvalidField(
+            "service",
+            "service name must match [a-z0-9][a-z0-9._-]{0,62}",
+        )
+    return value
+
+
+def validate_host(value: object) -> str:
+    message = "host must be an IP address or DNS name without scheme, not 0.0.0.0 or ::"
+    if not isinstance(value, str) or not value:
+        raise InvalidField("host", message)
+    candidate = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        address = None
+    if address is not None:
+        if address.is_unspecified:
+            raise InvalidField("host", message)
+        return str(address)
+    name = value[:-1] if value.endswith(".") else value
+    if len(name) > 253 or not all(_HOSTNAME_LABEL_RE.fullmatch(p) for p in name.split(".")):
+        raise InvalidField("host", message)
+    return value.lower()
+
+
+def validate_port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise InvalidField("port", "port must be an integer in 1..65535")
+    return value
+
+
+def validate_weight(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise InvalidField("weight", "weight must be an integer in 1..100")
+    return value
+
+
+def validate_ttl(value: object, max_ttl: float) -> float:
+    message = f"ttl must be a duration between 1s and {max_ttl:g}s (e.g. 30s)"
+    try:
+        ttl = parse_duration(value)
+    except ValueError:
+        raise InvalidField("ttl", message) from None
+    if not 1.0 <= ttl <= max_ttl:
+        raise InvalidField("ttl", message)
+    return ttl
+
+
+def validate_metadata(value: object) -> dict[str, str]:
+    message = f"metadata must be an object of string to string, at most {MAX_METADATA_KEYS} keys"
+    if not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS:
+        raise InvalidField("metadata", message)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidField("metadata", message)
+    return dict(value)
+
+
+def validate_id(value: object) -> str:
+    if not isinstance(value, str) or not INSTANCE_ID_RE.fullmatch(value):
+        raise InvalidField("id", "id must match [A-Za-z0-9._:[]-]{1,128}")
+    return value
+
+
+def validate_scheme(value: object) -> str:
+    if value not in SCHEMES:
+        raise InvalidField("scheme", "scheme must be http or https")
+    return str(value)
+
+
+def validate_state(value: object) -> str:
+    if value not in STATES:
+        raise InvalidField("state", "state must be up or draining")
+    return str(value)

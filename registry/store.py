@@ -1,0 +1,263 @@
+"""The registry's state: instances, leases, drain, change index. Pure.
+
+Time comes from an injected clock (wall-clock seconds), so leases keep their
+absolute expiry across a restart and tests move time by hand. The I/O shell
+(registry.api, the reaper task) listens to events and never holds state of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
+
+from registry.balancer import SmoothWeightedRoundRobin
+from registry.models import (
+    Instance,
+    InvalidField,
+    format_address,
+    validate_host,
+    validate_id,
+    validate_metadata,
+    validate_port,
+    validate_scheme,
+    validate_service_name,
+    validate_state,
+    validate_ttl,
+    validate_weight,
+)
+
+Clock = Callable[[], float]
+# (event, service, instance); event is one of EVENTS
+Listener = Callable[[str, str, Instance], None]
+EVENTS = ("registered", "updated", "heartbeat", "deregistered", "evicted")
+
+
+class UnknownService(LookupError):
+    code = "unknown_service"
+
+
+class UnknownInstance(LookupError):
+    code = "unknown_instance"
+
+
+class _Service:
+    __slots__ = ("name", "instances", "index", "balancer")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.instances: dict[str, Instance] = {}
+        self.index = 0
+        self.balancer = SmoothWeightedRoundRobin()
+
+
+class Registry:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        default_ttl: float = 30.0,
+        max_ttl: float = 3600.0,
+    ) -> None:
+        self.clock = clock
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self.index = 0
+        self._services: dict[str, _Service] = {}
+        self._listeners: list[Listener] = []
+
+    # -- observation -------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, instance: Instance) -> None:
+        for listener in self._listeners:
+            listener(event, instance.service, instance)
+
+    def _changed(self, service: _Service) -> None:
+        self.index += 1
+        service.index = self.index
+
+    # -- configuration -------------------------------------------------------
+
+    def declare(self, name: str) -> None:
+        """Make a service known (named in routes.yaml) so a GET of it is 200, not 404."""
+        self._service(name)
+
+    def set_static(self, name: str, addresses: Iterable[tuple[str, int]]) -> None:
+        """Replace the static (never-expiring) instances of a service."""
+        service = self._service(name)
+        wanted = {format_address(host, port): (host, port) for host, port in addresses}
+        now = self.clock()
+        for instance in list(service.instances.values()):
+            if instance.static and instance.id not in wanted:
+                self._remove(service, instance, "deregistered")
+        for instance_id, (host, port) in wanted.items():
+            if instance_id in service.instances:
+                continue
+            instance = Instance(
+                service=name,
+                id=instance_id,
+                host=host,
+                port=port,
+                registered_at=now,
+                last_heartbeat=now,
+            )
+            service.instances[instance_id] = instance
+            self._changed(service)
+            self._emit("registered", instance)
+
+    # -- the registry API -----------------------------------------------------
+
+    def register(self, name: str, body: Mapping[str, Any]) -> tuple[Instance, bool]:
+        """Register or re-register an instance; returns it and whether it is new."""
+        validate_service_name(name)
+        host = validate_host(body.get("host"))
+        port = validate_port(body.get("port"))
+        instance_id = validate_id(body["id"]) if "id" in body else format_address(host, port)
+        ttl = validate_ttl(body["ttl"], self.max_ttl) if "ttl" in body else self.default_ttl
+        weight = validate_weight(body["weight"]) if "weight" in body else 1
+        scheme = validate_scheme(body["scheme"]) if "scheme" in body else "http"
+        metadata = validate_metadata(body["metadata"]) if "metadata" in body else {}
+        now = self.clock()
+        service = self._service(name)
+        existing = service.instances.get(instance_id)
+        if existing is not None and not existing.live(now):
+            self._remove(service, existing, "evicted")
+            existing = None
+        if existing is None:
+            instance = Instance(
+                service=name, id=instance_id, host=host, port=port, registered_at=now
+            )
+            service.instances[instance_id] = instance
+        else:
+            # Updated in place: requests in flight hold this object and count on it.
+            instance = existing
+            instance.host, instance.port = host, port
+            instance.state, instance.deregister_when_idle = "up", False
+        instance.scheme, instance.weight, instance.metadata = scheme, weight, metadata
+        instance.ttl, instance.last_heartbeat, instance.expires_at = ttl, now, now + ttl
+        self._changed(service)
+        self._emit("registered", instance)
+        return instance, existing is None
+
+    def renew(self, name: str, instance_id: str) -> Instance:
+        instance = self.get(name, instance_id)
+        if instance.ttl is not None:
+            now = self.clock()
+            instance.last_heartbeat = now
+            instance.expires_at = now + instance.ttl
+        self._emit("heartbeat", instance)
+        return instance
+
+    def update(self, name: str, instance_id: str, body: Mapping[str, Any]) -> Instance:
+        instance = self.get(name, instance_id)
+        state = validate_state(body["state"]) if "state" in body else instance.state
+        weight = validate_weight(body["weight"]) if "weight" in body else instance.weight
+        metadata = validate_metadata(body["metadata"]) if "metadata" in body else instance.metadata
+        when_idle = body.get("deregister_when_idle", False)
+        if not isinstance(when_idle, bool):
+            raise InvalidField("deregister_when_idle", "deregister_when_idle must be true or false")
+        instance.state, instance.weight, instance.metadata = state, weight, metadata
+        instance.deregister_when_idle = when_idle and state == "draining"
+        service = self._services[name]
+        self._changed(service)
+        self._emit("updated", instance)
+        if instance.deregister_when_idle and instance.in_flight == 0:
+            self._remove(service, instance, "deregistered")
+        return instance
+
+    def deregister(self, name: str, instance_id: str) -> Instance:
+        instance = self.get(name, instance_id)
+        self._remove(self._services[name], instance, "deregistered")
+        return instance
+
+    def get(self, name: str, instance_id: str) -> Instance:
+        """The live instance, or UnknownInstance (an expired lease counts as gone)."""
+        service = self._services.get(name)
+        instance = service.instances.get(instance_id) if service else None
+        if service is None or instance is None:
+            raise UnknownInstance(f"no instance {instance_id!r} in service {name!r}")
+        if not instance.live(self.clock()):
+            self._remove(service, instance, "evicted")
+            raise UnknownInstance(f"no instance {instance_id!r} in service {name!r}")
+        return instance
+
+    def instances(self, name: str) -> list[Instance]:
+        """Live instances of a service, or UnknownService if it was never seen."""
+        service = self._services.get(name)
+        if service is None:
+            raise UnknownService(f"no service {name!r}")
+        self.expire()
+        return list(service.instances.values())
+
+    def service_index(self, name: str) -> int:
+        service = self._services.get(name)
+        if service is None:
+            raise UnknownService(f"no service {name!r}")
+        return service.index
+
+    def service_names(self) -> list[str]:
+        self.expire()
+        return sorted(self._services)
+
+    # -- leases --------------------------------------------------------------
+
+    def expire(self) -> list[Instance]:
+        """Remove every instance whose lease has ended; returns them."""
+        now = self.clock()
+        gone = [
+            instance
+            for service in self._services.values()
+            for instance in service.instances.values()
+            if not instance.live(now)
+        ]
+        for instance in gone:
+            self._remove(self._services[instance.service], instance, "evicted")
+        return gone
+
+    def next_expiry(self) -> float | None:
+        expiries = [
+            instance.expires_at
+            for service in self._services.values()
+            for instance in service.instances.values()
+            if instance.expires_at is not None
+        ]
+        return min(expiries, default=None)
+
+    # -- the request path -------------------------------------------------------
+
+    def pick(self, name: str, exclude: Collection[str] = ()) -> Instance | None:
+        """Next instance by smooth weighted round-robin among routable ones."""
+        service = self._services.get(name)
+        if service is None:
+            return None
+        now = self.clock()
+        candidates = [i for i in service.instances.values() if i.routable(now)]
+        return service.balancer.pick(candidates, exclude)
+
+    def request_started(self, instance: Instance) -> None:
+        instance.in_flight += 1
+
+    def request_finished(self, instance: Instance) -> None:
+        instance.in_flight -= 1
+        if instance.in_flight == 0 and instance.deregister_when_idle:
+            service = self._services.get(instance.service)
+            if service is not None and service.instances.get(instance.id) is instance:
+                self._remove(service, instance, "deregistered")
+
+    # -- internals -----------------------------------------------------------
+
+    def _service(self, name: str) -> _Service:
+        service = self._services.get(name)
+        if service is None:
+            service = self._services[name] = _Service(name)
+        return service
+
+    def _remove(self, service: _Service, instance: Instance, event: str) -> None:
+        if service.instances.get(instance.id) is not instance:
+            return
+        del service.instances[instance.id]
+        service.balancer.forget(instance.id)
+        self._changed(service)
+        self._emit(event, instance)
