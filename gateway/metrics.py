@@ -71,6 +71,16 @@ class RouteMetrics:
             r: metrics.upstream_errors.labels(service, r) for r in UPSTREAM_ERROR_REASONS
         }
 
+    @classmethod
+    def unmatched(cls, metrics: GatewayMetrics) -> RouteMetrics:
+        """For requests that match no route: only requests_total and the duration."""
+        self = cls.__new__(cls)
+        self.route = self.service = "none"
+        self._requests = metrics.requests
+        self._codes = {}
+        self.duration = metrics.duration.labels("none", "none")
+        return self
+
     def observe(self, method: str, status: int, seconds: float) -> None:
         key = (method, status)
         child = self._codes.get(key)

@@ -79,13 +79,15 @@ class Proxy:
                 "CONNECT is not supported",
                 {"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
             )
-        url = request.message.url
-        raw_path = url.raw_path if url.is_absolute() else request.raw_path.split("?", 1)[0]
+        raw_path = request.raw_path.split("?", 1)[0]
+        if not raw_path.startswith("/"):  # absolute-form: route by the target's path
+            raw_path = request.rel_url.raw_path
         try:
             path = normalize_path(raw_path)
         except BadPath as exc:
             raise GatewayError(400, "bad_path", str(exc)) from None
-        host = url.raw_authority if url.is_absolute() else request.headers.get("Host")
+        # request.host is the Host header, or the authority of an absolute-form target
+        host = request.host
         match = self.table.match(host_name(host), path)
         if match is None:
             raise GatewayError(404, "no_route", f"no route for {path}")
@@ -104,7 +106,7 @@ class Proxy:
         request_id: str,
         route_metrics: RouteMetrics,
     ) -> web.StreamResponse:
-        query = request.message.url.raw_query_string
+        query = request.rel_url.raw_query_string
         target = upstream_path + ("?" + query if query else "")
         has_body = request.body_exists
         tried: list[str] = []

@@ -1,0 +1,168 @@
+"""Fixtures for server tests: upstreams and gateways on port 0, stopped by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+
+
+@dataclass
+class Upstream:
+    """A test upstream that records what it received."""
+
+    name: str
+    port: int = 0
+    requests: list[dict[str, object]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+def _upstream_app(upstream: Upstream) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        upstream.requests.append(
+            {"method": request.method, "path": request.raw_path, "body": body,
+             "headers": list(request.raw_headers)}
+        )
+        data = {
+            "upstream": upstream.name,
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
+            "body_length": len(body),
+        }
+        return web.Response(body=json.dumps(data).encode(), content_type="application/json",
+                            headers={"X-Upstream": upstream.name})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.query["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if "chunked" not in request.query:
+            response.content_length = size
+        await response.prepare(request)
+        block = b"x" * 65536
+        sent = 0
+        while sent < size and request.method != "HEAD":
+            piece = block[: min(len(block), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    async def upload(request: web.Request) -> web.Response:
+        import hashlib
+
+        digest = hashlib.sha256()
+        total = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            total += len(chunk)
+        upstream.requests.append({"method": request.method, "path": request.raw_path,
+                                  "body": b"", "headers": list(request.raw_headers)})
+        return web.json_response({"sha256": digest.hexdigest(), "length": total,
+                                  "upstream": upstream.name})
+
+    async def slow(request: web.Request) -> web.Response:
+        upstream.requests.append({"method": request.method, "path": request.raw_path,
+                                  "body": b"", "headers": list(request.raw_headers)})
+        await asyncio.sleep(float(request.query.get("delay", "5")))
+        return web.Response(text="slow")
+
+    async def status(request: web.Request) -> web.Response:
+        upstream.requests.append({"method": request.method, "path": request.raw_path,
+                                  "body": b"", "headers": list(request.raw_headers)})
+        return web.Response(status=int(request.match_info["code"]),
+                            headers={"Set-Cookie": "a=1", "X-Upstream": upstream.name})
+
+    handlers = {"download": download, "upload": upload, "slow": slow}
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        """By the last path segments, wherever the route put them: .../slow, .../status/204."""
+        parts = request.path.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "status":
+            request.match_info["code"] = parts[-1]
+            return await status(request)
+        return await handlers.get(parts[-1], echo)(request)
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[[str], Awaitable[Upstream]]]:
+    started: list[Upstream] = []
+
+    async def start(name: str = "u") -> Upstream:
+        upstream = Upstream(name)
+        runner = web.AppRunner(_upstream_app(upstream), access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        upstream.runner = runner
+        upstream.port = runner.addresses[0][1]
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.stop()
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    session: aiohttp.ClientSession
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.admin_port}"
+
+    async def register(self, service: str, upstream: Upstream, **extra: object) -> dict[str, object]:
+        body = {"host": "127.0.0.1", "port": upstream.port, **extra}
+        async with self.session.post(
+            f"{self.admin_url}/registry/services/{service}/instances", json=body
+        ) as response:
+            assert response.status in (200, 201), await response.text()
+            result: dict[str, object] = await response.json()
+            return result
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    running: list[RunningGateway] = []
+
+    async def start(yaml_text: str = "", **kwargs: object) -> RunningGateway:
+        config = parse_config(yaml_text)
+        gateway = Gateway(config, listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0),
+                          **kwargs)  # type: ignore[arg-type]
+        await gateway.start()
+        session = aiohttp.ClientSession(auto_decompress=False)
+        result = RunningGateway(gateway, session)
+        running.append(result)
+        return result
+
+    yield start
+    for item in running:
+        await item.session.close()
+        await item.gateway.stop()

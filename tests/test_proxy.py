@@ -1,0 +1,300 @@
+"""The proxy against real upstreams on port 0 (SPEC section 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from collections import Counter
+
+import pytest
+
+ROUTES = """
+proxy:
+  timeout: 1s
+  connect_timeout: 500ms
+routes:
+  - prefix: /api/users
+    service: users
+    strip_prefix: true
+  - prefix: /api
+    service: api
+  - prefix: /plain
+    service: plain
+    preserve_host: false
+"""
+
+
+async def test_round_robin_is_exact(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    ups = [await upstreams(f"u{i}") for i in range(3)]
+    for up in ups:
+        await gw.register("api", up)
+    seen = Counter()
+    for _ in range(30):
+        async with gw.session.get(gw.proxy_url + "/api/x") as response:
+            assert response.status == 200
+            seen[response.headers["X-Upstream"]] += 1
+    assert seen == {"u0": 10, "u1": 10, "u2": 10}
+
+
+async def test_weights_share_traffic(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    heavy, light = await upstreams("heavy"), await upstreams("light")
+    await gw.register("api", heavy, weight=3)
+    await gw.register("api", light, weight=1)
+    seen = Counter()
+    for _ in range(40):
+        async with gw.session.get(gw.proxy_url + "/api/x") as response:
+            seen[response.headers["X-Upstream"]] += 1
+    assert seen == {"heavy": 30, "light": 10}
+
+
+@pytest.mark.parametrize(
+    ("path", "service", "upstream_path"),
+    [
+        ("/api/users", "users", "/"),
+        ("/api/users/", "users", "/"),
+        ("/api/users/7?x=1", "users", "/7?x=1"),
+        ("/api/usersX", "api", "/api/usersX"),
+        ("/api/users/../things", "api", "/api/things"),
+        ("/api/%2e%2e/api/users/3", "users", "/3"),
+    ],
+)
+async def test_prefix_boundaries_and_strip_prefix(
+    gateway_factory, upstreams, path, service, upstream_path
+):
+    gw = await gateway_factory(ROUTES)
+    users, api = await upstreams("users"), await upstreams("api")
+    await gw.register("users", users)
+    await gw.register("api", api)
+    async with gw.session.get(gw.proxy_url + path) as response:
+        assert response.status == 200
+        data = await response.json()
+    assert data["upstream"] == service
+    assert data["path"] == upstream_path
+    headers = dict(data["headers"])
+    if service == "users":
+        assert headers["X-Forwarded-Prefix"] == "/api/users"
+    else:
+        assert "X-Forwarded-Prefix" not in headers
+
+
+async def test_errors_are_json(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    async with gw.session.get(gw.proxy_url + "/nothing") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "no_route"
+    async with gw.session.get(gw.proxy_url + "/api/x") as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "1"
+        assert (await response.json())["error"]["code"] == "no_healthy_instance"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET /../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_connect_failure_retries_then_502(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    dead = await upstreams("dead")
+    await gw.register("api", dead)
+    await dead.stop()
+    async with gw.session.get(gw.proxy_url + "/api/x") as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream_unavailable"
+    alive = await upstreams("alive")
+    await gw.register("api", alive)
+    for _ in range(4):
+        async with gw.session.post(gw.proxy_url + "/api/x", data=b"once") as response:
+            assert response.status == 200
+            assert response.headers["X-Upstream"] == "alive"
+    # Every POST reached the live instance exactly once.
+    assert [r["body"] for r in alive.requests] == [b"once"] * 4
+
+
+async def test_timeout_is_504_and_not_retried(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    a, b = await upstreams("a"), await upstreams("b")
+    await gw.register("api", a)
+    await gw.register("api", b)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with gw.session.get(gw.proxy_url + "/api/slow?delay=3") as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "upstream_timeout"
+    assert loop.time() - started < 2.5
+    assert len(a.requests) + len(b.requests) == 1
+
+
+async def test_hop_by_hop_and_forwarded_headers(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    headers = {
+        "Connection": "keep-alive, X-Forwarded-For, X-Secret",
+        "X-Secret": "s",
+        "X-Forwarded-For": "10.0.0.1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "X-Request-ID": "abc-123",
+        "Host": "example.com:8443",
+    }
+    async with gw.session.get(gw.proxy_url + "/api/h", headers=headers) as response:
+        data = await response.json()
+        assert response.headers["X-Request-ID"] == "abc-123"
+    received = {k.lower(): v for k, v in data["headers"]}
+    assert "x-secret" not in received
+    assert "keep-alive" not in received
+    assert "te" not in received
+    assert received["x-forwarded-for"] == "127.0.0.1"
+    assert received["x-forwarded-proto"] == "http"
+    assert received["x-forwarded-host"] == "example.com:8443"
+    assert received["host"] == "example.com:8443"
+    assert received["x-request-id"] == "abc-123"
+
+
+async def test_preserve_host_false_sends_instance_address(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("plain")
+    await gw.register("plain", up)
+    async with gw.session.get(gw.proxy_url + "/plain/", headers={"Host": "a.test"}) as response:
+        data = await response.json()
+    received = {k.lower(): v for k, v in data["headers"]}
+    assert received["host"] == f"127.0.0.1:{up.port}"
+    assert received["x-forwarded-host"] == "a.test"
+
+
+async def test_request_id_generated_when_insane(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    async with gw.session.get(gw.proxy_url + "/api/", headers={"X-Request-ID": "a b"}) as response:
+        data = await response.json()
+        returned = response.headers["X-Request-ID"]
+    assert returned != "a b" and 0 < len(returned) <= 200
+    assert dict(data["headers"])["X-Request-ID"] == returned
+
+
+async def test_5mib_post_arrives_byte_exact(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    payload = os.urandom(5 * 1024 * 1024)
+    async with gw.session.post(gw.proxy_url + "/api/upload", data=io.BytesIO(payload)) as response:
+        data = await response.json()
+    assert data == {"sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload),
+                    "upstream": "api"}
+
+
+async def test_chunked_upload_streams(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    digest = hashlib.sha256()
+
+    async def body():
+        for i in range(64):
+            piece = bytes([i]) * 65536
+            digest.update(piece)
+            yield piece
+
+    async with gw.session.post(gw.proxy_url + "/api/upload", data=body()) as response:
+        data = await response.json()
+    assert data["length"] == 64 * 65536
+    assert data["sha256"] == digest.hexdigest()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_download_streams(gateway_factory, upstreams, chunked):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    size = 20 * 1024 * 1024 + 17
+    url = gw.proxy_url + f"/api/download?size={size}" + ("&chunked=1" if chunked else "")
+    received = 0
+    async with gw.session.get(url) as response:
+        assert response.status == 200
+        if not chunked:
+            assert response.headers["Content-Length"] == str(size)
+        async for chunk in response.content.iter_any():
+            received += len(chunk)
+    assert received == size
+
+
+async def test_head_and_204_and_set_cookie(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    async with gw.session.head(gw.proxy_url + "/api/download?size=1000") as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == "1000"
+        assert await response.read() == b""
+    async with gw.session.get(gw.proxy_url + "/api/status/204") as response:
+        assert response.status == 204
+        assert response.headers.getall("Set-Cookie") == ["a=1"]
+    async with gw.session.get(gw.proxy_url + "/api/status/302") as response:
+        assert response.status == 302  # passed on, not followed
+
+
+async def test_lease_expiry_stops_traffic(gateway_factory, upstreams):
+    from tests.fakes import FakeClock
+
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    a, b = await upstreams("a"), await upstreams("b")
+    await gw.register("api", a, ttl="1s")
+    await gw.register("api", b, ttl="10s")
+    clock.advance(1.0)  # a's lease ends exactly now
+    for _ in range(4):
+        async with gw.session.get(gw.proxy_url + "/api/x") as response:
+            assert response.headers["X-Upstream"] == "b"
+    async with gw.session.get(gw.admin_url + "/registry/services/api") as response:
+        ids = [i["port"] for i in (await response.json())["instances"]]
+    assert ids == [b.port]
+
+
+async def test_draining_instance_gets_no_new_requests(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    a, b = await upstreams("a"), await upstreams("b")
+    await gw.register("api", a)
+    await gw.register("api", b)
+    url = f"{gw.admin_url}/registry/services/api/instances/127.0.0.1:{a.port}"
+    async with gw.session.patch(url, json={"state": "draining"}) as response:
+        assert response.status == 200
+        assert (await response.json())["state"] == "draining"
+    for _ in range(4):
+        async with gw.session.get(gw.proxy_url + "/api/x") as response:
+            assert response.headers["X-Upstream"] == "b"
+
+
+async def test_gzip_body_passes_untouched(gateway_factory, upstreams):
+    import gzip
+
+    from aiohttp import web
+
+    gw = await gateway_factory(ROUTES)
+    compressed = gzip.compress(b"hello " * 1000)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=compressed, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_get("/api/z", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        port = runner.addresses[0][1]
+        async with gw.session.post(
+            gw.admin_url + "/registry/services/api/instances", json={"host": "127.0.0.1", "port": port}
+        ):
+            pass
+        async with gw.session.get(gw.proxy_url + "/api/z") as response:
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert await response.read() == compressed
+    finally:
+        await runner.cleanup()
