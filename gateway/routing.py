@@ -85,7 +85,11 @@ class RouteTable:
         self._any: dict[str, RouteSpec] = {}
         self._by_host: dict[str, dict[str, RouteSpec]] = {}
         for route in self.routes:
-            table = self._any if route.host is None else self._by_host.setdefault(route.host, {})
+            table = (
+                self._any
+                if route.host is None
+                else self._by_host.setdefault(route.host.lower(), {})
+            )
             table.setdefault(_key(route.prefix), route)
 
     def match(self, host: str | None, path: str) -> Match | None:

@@ -48,9 +48,10 @@ def _service_name(request: web.Request) -> str:
     return validate_service_name(request.match_info["service"])
 
 
-def _registration(instance: Instance) -> dict[str, Any]:
+def _registration(instance: Instance, default_ttl: float) -> dict[str, Any]:
     data = instance.to_dict()
-    ttl = instance.ttl if instance.ttl is not None else 0.0
+    # A static instance has no lease; a sidecar still needs a sane heartbeat pace.
+    ttl = instance.ttl if instance.ttl is not None else default_ttl
     data["ttl"] = ttl
     data["heartbeat_interval"] = ttl / 3
     return data
@@ -61,13 +62,13 @@ async def register(request: web.Request) -> web.Response:
     name = _service_name(request)
     body = await _read_body(request)
     instance, created = registry.register(name, body)
-    return _json(_registration(instance), status=201 if created else 200)
+    return _json(_registration(instance, registry.default_ttl), status=201 if created else 200)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     instance = registry.renew(_service_name(request), request.match_info["id"])
-    return _json(_registration(instance))
+    return _json(_registration(instance, registry.default_ttl))
 
 
 async def update(request: web.Request) -> web.Response:

@@ -93,7 +93,10 @@ class Registry:
             if instance.static and instance.id not in wanted:
                 self._remove(service, instance, "deregistered")
         for instance_id, (host, port) in wanted.items():
-            if instance_id in service.instances:
+            existing = service.instances.get(instance_id)
+            if existing is not None:
+                # Configured instances never expire, even if one also registered itself.
+                existing.ttl = existing.expires_at = None
                 continue
             instance = Instance(
                 service=name,
@@ -136,7 +139,9 @@ class Registry:
             instance.host, instance.port = host, port
             instance.state, instance.deregister_when_idle = "up", False
         instance.scheme, instance.weight, instance.metadata = scheme, weight, metadata
-        instance.ttl, instance.last_heartbeat, instance.expires_at = ttl, now, now + ttl
+        instance.last_heartbeat = now
+        if existing is None or not existing.static:
+            instance.ttl, instance.expires_at = ttl, now + ttl
         self._changed(service)
         self._emit("registered", instance)
         return instance, existing is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -29,14 +30,20 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool):
         raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 2m, 1h")
+    seconds: float | None = None
     if isinstance(value, (int, float)):
-        if value < 0 or value != value or value in (float("inf"),):
-            raise ValueError(f"invalid duration {value!r}: must be a finite number >= 0")
-        return float(value)
-    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match:
-            return float(match.group(1)) * _DURATION_SCALE[match.group(2)]
+            seconds = float(match.group(1)) * _DURATION_SCALE[match.group(2)]
+    if seconds is not None:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"invalid duration {value!r}: must be a finite number >= 0")
+        return seconds
     raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 2m, 1h")
 
 

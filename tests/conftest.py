@@ -23,6 +23,11 @@ class Upstream:
     port: int = 0
     requests: list[dict[str, object]] = field(default_factory=list)
     runner: web.AppRunner | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, request: dict[str, object]) -> None:
+        self.requests.append(request)
+        self.arrived.set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -37,7 +42,7 @@ class Upstream:
 def _upstream_app(upstream: Upstream) -> web.Application:
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        upstream.requests.append(
+        upstream.record(
             {"method": request.method, "path": request.raw_path, "body": body,
              "headers": list(request.raw_headers)}
         )
@@ -74,19 +79,19 @@ def _upstream_app(upstream: Upstream) -> web.Application:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             total += len(chunk)
-        upstream.requests.append({"method": request.method, "path": request.raw_path,
+        upstream.record({"method": request.method, "path": request.raw_path,
                                   "body": b"", "headers": list(request.raw_headers)})
         return web.json_response({"sha256": digest.hexdigest(), "length": total,
                                   "upstream": upstream.name})
 
     async def slow(request: web.Request) -> web.Response:
-        upstream.requests.append({"method": request.method, "path": request.raw_path,
+        upstream.record({"method": request.method, "path": request.raw_path,
                                   "body": b"", "headers": list(request.raw_headers)})
         await asyncio.sleep(float(request.query.get("delay", "5")))
         return web.Response(text="slow")
 
     async def status(request: web.Request) -> web.Response:
-        upstream.requests.append({"method": request.method, "path": request.raw_path,
+        upstream.record({"method": request.method, "path": request.raw_path,
                                   "body": b"", "headers": list(request.raw_headers)})
         return web.Response(status=int(request.match_info["code"]),
                             headers={"Set-Cookie": "a=1", "X-Upstream": upstream.name})
