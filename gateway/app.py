@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
+from gateway.server import ProxyServer
 from gateway.upstream import UpstreamClient
 from registry.runtime import RegistryRuntime
 from registry.store import Registry
@@ -90,7 +91,7 @@ class Gateway:
         self.proxy = Proxy(
             RouteTable(self.config.routes), self.registry, self.metrics, self._client
         )
-        proxy_server = web.Server(
+        proxy_server = ProxyServer(
             self.proxy.handle,
             handler_cancellation=True,  # a client that disconnects cancels its upstream call
             access_log=None,

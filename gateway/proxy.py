@@ -14,6 +14,7 @@ from gateway.errors import GatewayError, to_response
 from gateway.headers import downstream_response_headers, request_id_of, upstream_request_headers
 from gateway.metrics import GatewayMetrics, RouteMetrics
 from gateway.routing import BadPath, RouteTable, host_name, normalize_path
+from gateway.server import MAX_HEADERS_TOTAL
 from gateway.upstream import UpstreamClient, UpstreamError, mapped_errors
 from registry.models import Instance
 from registry.store import Registry
@@ -24,7 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_CLOSE_AFTER = frozenset({400, 405, 413, 431})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _headers_size(request: web.BaseRequest) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
 
 
 class _BodyTooLarge(Exception):
@@ -67,11 +73,15 @@ class Proxy:
             status = error.status
             response = to_response(error)
             response.headers["X-Request-ID"] = request_id
+            if error.status in _CLOSE_AFTER:
+                response.force_close()  # the rest of the request is not worth reading
             return response
         finally:
             route_metrics.observe(request.method, status, loop.time() - started)
 
     def _route(self, request: web.BaseRequest) -> tuple[RouteConfig, str]:
+        if _headers_size(request) > MAX_HEADERS_TOTAL:
+            raise GatewayError(431, "headers_too_large", "headers over the 64 KiB limit")
         if request.method == "CONNECT":
             raise GatewayError(
                 405,

@@ -32,9 +32,14 @@ async def _read_body(request: web.Request) -> Mapping[str, Any]:
         raise GatewayError(415, "unsupported_media_type", "body must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -102,7 +107,12 @@ async def get_service(request: web.Request) -> web.Response:
     try:
         known_index = registry.service_index(name)
     except UnknownService:
-        raise GatewayError(404, "unknown_service", f"no service {name!r}") from None
+        raise GatewayError(
+            404,
+            "unknown_service",
+            f"no service {name!r}",
+            {"X-Registry-Index": str(registry.index)},
+        ) from None
     if "index" in request.query:
         index = _query_index(request.query["index"])
         wait = _query_wait(request.query.get("wait", "5m"))

@@ -43,8 +43,12 @@ def _upstream_app(upstream: Upstream) -> web.Application:
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         upstream.record(
-            {"method": request.method, "path": request.raw_path, "body": body,
-             "headers": list(request.raw_headers)}
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "body": body,
+                "headers": list(request.raw_headers),
+            }
         )
         data = {
             "upstream": upstream.name,
@@ -53,8 +57,11 @@ def _upstream_app(upstream: Upstream) -> web.Application:
             "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
             "body_length": len(body),
         }
-        return web.Response(body=json.dumps(data).encode(), content_type="application/json",
-                            headers={"X-Upstream": upstream.name})
+        return web.Response(
+            body=json.dumps(data).encode(),
+            content_type="application/json",
+            headers={"X-Upstream": upstream.name},
+        )
 
     async def download(request: web.Request) -> web.StreamResponse:
         size = int(request.query["size"])
@@ -79,22 +86,43 @@ def _upstream_app(upstream: Upstream) -> web.Application:
         async for chunk in request.content.iter_any():
             digest.update(chunk)
             total += len(chunk)
-        upstream.record({"method": request.method, "path": request.raw_path,
-                                  "body": b"", "headers": list(request.raw_headers)})
-        return web.json_response({"sha256": digest.hexdigest(), "length": total,
-                                  "upstream": upstream.name})
+        upstream.record(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "body": b"",
+                "headers": list(request.raw_headers),
+            }
+        )
+        return web.json_response(
+            {"sha256": digest.hexdigest(), "length": total, "upstream": upstream.name}
+        )
 
     async def slow(request: web.Request) -> web.Response:
-        upstream.record({"method": request.method, "path": request.raw_path,
-                                  "body": b"", "headers": list(request.raw_headers)})
+        upstream.record(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "body": b"",
+                "headers": list(request.raw_headers),
+            }
+        )
         await asyncio.sleep(float(request.query.get("delay", "5")))
         return web.Response(text="slow")
 
     async def status(request: web.Request) -> web.Response:
-        upstream.record({"method": request.method, "path": request.raw_path,
-                                  "body": b"", "headers": list(request.raw_headers)})
-        return web.Response(status=int(request.match_info["code"]),
-                            headers={"Set-Cookie": "a=1", "X-Upstream": upstream.name})
+        upstream.record(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "body": b"",
+                "headers": list(request.raw_headers),
+            }
+        )
+        return web.Response(
+            status=int(request.match_info["code"]),
+            headers={"Set-Cookie": "a=1", "X-Upstream": upstream.name},
+        )
 
     handlers = {"download": download, "upload": upload, "slow": slow}
 
@@ -143,7 +171,9 @@ class RunningGateway:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway.admin_port}"
 
-    async def register(self, service: str, upstream: Upstream, **extra: object) -> dict[str, object]:
+    async def register(
+        self, service: str, upstream: Upstream, **extra: object
+    ) -> dict[str, object]:
         body = {"host": "127.0.0.1", "port": upstream.port, **extra}
         async with self.session.post(
             f"{self.admin_url}/registry/services/{service}/instances", json=body
@@ -159,8 +189,7 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGate
 
     async def start(yaml_text: str = "", **kwargs: object) -> RunningGateway:
         config = parse_config(yaml_text)
-        gateway = Gateway(config, listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0),
-                          **kwargs)  # type: ignore[arg-type]
+        gateway = Gateway(config, listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0), **kwargs)  # type: ignore[arg-type]
         await gateway.start()
         session = aiohttp.ClientSession(auto_decompress=False)
         result = RunningGateway(gateway, session)

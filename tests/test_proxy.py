@@ -186,8 +186,11 @@ async def test_5mib_post_arrives_byte_exact(gateway_factory, upstreams):
     payload = os.urandom(5 * 1024 * 1024)
     async with gw.session.post(gw.proxy_url + "/api/upload", data=io.BytesIO(payload)) as response:
         data = await response.json()
-    assert data == {"sha256": hashlib.sha256(payload).hexdigest(), "length": len(payload),
-                    "upstream": "api"}
+    assert data == {
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "length": len(payload),
+        "upstream": "api",
+    }
 
 
 async def test_chunked_upload_streams(gateway_factory, upstreams):
@@ -290,7 +293,8 @@ async def test_gzip_body_passes_untouched(gateway_factory, upstreams):
     try:
         port = runner.addresses[0][1]
         async with gw.session.post(
-            gw.admin_url + "/registry/services/api/instances", json={"host": "127.0.0.1", "port": port}
+            gw.admin_url + "/registry/services/api/instances",
+            json={"host": "127.0.0.1", "port": port},
         ):
             pass
         async with gw.session.get(gw.proxy_url + "/api/z") as response:

@@ -1,0 +1,682 @@
+"""The one loader of routes.yaml (SPEC sections 3 and 8). Pure: no aiohttp, no asyncio.
+
+The YAML is composed into nodes and walked by hand so that every mistake names its
+line, and all mistakes of a file are reported together in one ConfigError as
+``file:line: where: message``. A null value (``key:`` with nothing after it) counts
+as an absent key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from registry.models import SERVICE_NAME_RE, InvalidField, format_address, validate_host
+from registry.units import parse_duration, parse_size
+
+_T = TypeVar("_T")
+
+
+class ConfigError(Exception):
+    """Every mistake found in a config file, each as ``file:line: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    path: str | None = None  # HTTP check path; None for a TCP check
+    tcp: bool = False
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy: int = 2
+    unhealthy: int = 3
+    expected_status: tuple[int, int] = (200, 399)
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    consecutive_failures: int = 5
+    base_ejection: float = 30.0
+    max_ejected: float = 0.5
+    consecutive_5xx: int | None = None  # None: 5xx answers do not count as failures
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    instances: tuple[tuple[str, int], ...] = ()
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+    retries: int = 2
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str
+    service: str
+    strip_prefix: bool = False
+    host: str | None = None  # lower-cased, no port; None matches any host
+    preserve_host: bool = True
+    timeout: float = 30.0  # effective values: the route's override, else the proxy setting
+    connect_timeout: float = 2.0
+    retries: int = 2
+    max_body: int | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 8081)
+    token_env: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    default_ttl: float = 30.0
+    max_ttl: float = 3600.0
+    snapshot: Path | None = None
+    backend: str = "memory"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin: AdminConfig = AdminConfig()
+    registry: RegistryConfig = RegistryConfig()
+    proxy: ProxySettings = ProxySettings()
+    routes: tuple[RouteConfig, ...] = ()
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+
+
+_TOP_KEYS = ("listen", "admin", "registry", "proxy", "routes", "services")
+_ADMIN_KEYS = ("listen", "token_env")
+_REGISTRY_KEYS = ("default_ttl", "max_ttl", "snapshot", "backend")
+_PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
+_ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
+_SERVICE_KEYS = ("instances", "health_check", "outlier")
+_HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
+_OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PERCENT_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*")
+_STATUS_RANGE_RE = re.compile(r"\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?")
+_BAD = object()  # a scalar YAML could not construct; the error is already recorded
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a config file; relative paths in it resolve against its folder."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{file}: cannot read: {reason}"]) from None
+    config = parse_config(text, filename=str(file), base_dir=file.absolute().parent)
+    return replace(config, path=file)
+
+
+def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None = None) -> Config:
+    """Parse config text; ``Config.path`` is None (load_config sets it)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([f"{filename}:{line}: {problem}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError([f"{filename}:{line}: {exc.reason} (#x{exc.character:04x})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{filename}:1: nested too deeply"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{filename}:1: invalid YAML: {exc}"]) from None
+    reader = _Reader(filename)
+    top = reader.section(root, "", _TOP_KEYS)
+    proxy = _proxy(reader.section(top.node("proxy"), "proxy", _PROXY_KEYS))
+    config = Config(
+        path=None,
+        listen=top.get("listen", Config.listen, parse_listen),
+        admin=_admin(reader.section(top.node("admin"), "admin", _ADMIN_KEYS)),
+        registry=_registry(
+            reader.section(top.node("registry"), "registry", _REGISTRY_KEYS), base_dir
+        ),
+        proxy=proxy,
+        routes=_routes(reader, top.node("routes"), proxy),
+        services=_services(reader, top.node("services")),
+    )
+    if reader.errors:
+        raise ConfigError([message for _, message in sorted(reader.errors, key=lambda e: e[0])])
+    return config
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
+    usage = f"invalid listen address {value!r}: use HOST:PORT, [IPv6]:PORT or :PORT"
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(usage)
+    port = _parse_port(port_text, 0, f"invalid listen address {value!r}")
+    if not host:
+        return "0.0.0.0", port
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        address = None
+    if address is not None and bracketed == (address.version == 6):
+        return str(address), port
+    if bracketed or ":" in host:
+        raise ValueError(usage)
+    try:
+        return validate_host(host), port
+    except InvalidField:
+        raise ValueError(usage) from None
+
+
+def describe_routes(config: Config) -> list[str]:
+    """The routing table for ``gateway check``: host, prefix, service and non-default options."""
+    rows = [
+        (
+            route.host or "*",
+            route.prefix,
+            f"-> {route.service}",
+            _route_options(route, config.proxy),
+        )
+        for route in config.routes
+    ]
+    widths = [max((len(row[column]) for row in rows), default=0) for column in range(3)]
+    lines = []
+    for row in rows:
+        cells = [row[column].ljust(widths[column]) for column in range(3)]
+        lines.append("  ".join([*cells, row[3]]).rstrip())
+    return lines
+
+
+def shadow_warnings(config: Config) -> list[str]:
+    """Warn where a longer prefix takes paths from the route that would otherwise match."""
+    filename = str(config.path) if config.path is not None else "routes.yaml"
+    warnings = []
+    for route in config.routes:
+        covering = [
+            other
+            for other in config.routes
+            if other.host in (route.host, None) and _covers(other.prefix, route.prefix)
+        ]
+        if not covering:
+            continue
+        nearest = max(covering, key=lambda other: (len(other.prefix), other.host is not None))
+        if nearest.service != route.service:
+            warnings.append(
+                f"warning: {filename}:{route.line}: prefix {route.prefix} (service {route.service})"
+                f" shadows part of {nearest.prefix} (service {nearest.service})"
+            )
+    return warnings
+
+
+class _Reader:
+    """Walks composed YAML nodes and collects ``(line, "file:line: where: message")`` errors."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.errors: list[tuple[int, str]] = []
+        self._constructor = yaml.SafeLoader("")
+
+    def error(self, node: Node, where: str, message: str) -> None:
+        line = node.start_mark.line + 1
+        where = f"{where}: " if where else ""
+        self.errors.append((line, f"{self.filename}:{line}: {where}{message}"))
+
+    def value(self, node: Node, where: str) -> object:
+        """A scalar's Python value; a mapping or list node comes back as itself."""
+        if not isinstance(node, ScalarNode):
+            return node
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError):
+            self.error(node, where, f"cannot read {node.value!r} as {node.tag}")
+            return _BAD
+
+    def entries(self, node: Node | None, where: str) -> list[tuple[str, Node, Node]]:
+        """(key, key node, value node) of a mapping, without duplicate keys; null is empty."""
+        if node is None or node.tag == _NULL_TAG:
+            return []
+        if not isinstance(node, MappingNode):
+            self.error(
+                node, where, f"expected a mapping, got {_describe(node, self.value(node, where))}"
+            )
+            return []
+        first_lines: dict[str, int] = {}
+        entries: list[tuple[str, Node, Node]] = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, where, "keys must be plain names")
+                continue
+            key = str(key_node.value)
+            if key in first_lines:
+                self.error(
+                    key_node, where, f"duplicate key {key!r} (first on line {first_lines[key]})"
+                )
+                continue
+            first_lines[key] = key_node.start_mark.line + 1
+            entries.append((key, key_node, value_node))
+        return entries
+
+    def section(self, node: Node | None, where: str, keys: Sequence[str]) -> _Section:
+        fields = {}
+        for key, key_node, value_node in self.entries(node, where):
+            if key in keys:
+                fields[key] = value_node
+            else:
+                self.error(key_node, where, _unknown_key(key, keys))
+        readable = node is not None and (isinstance(node, MappingNode) or node.tag == _NULL_TAG)
+        return _Section(self, node if readable else None, where, fields)
+
+    def convert(
+        self,
+        node: Node,
+        where: str,
+        default: _T,
+        parse: Callable[[Any], _T],
+        kinds: tuple[type, ...] = (str,),
+        expected: str = "a string",
+    ) -> _T:
+        """The node's value, checked against kinds, then parse (whose ValueError is an error)."""
+        value = self.value(node, where)
+        if value is _BAD:
+            return default
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            self.error(node, where, f"expected {expected}, got {_describe(node, value)}")
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.error(node, where, str(exc))
+        return default
+
+    def items(self, node: Node | None, where: str) -> list[Node]:
+        """The items of a list; null is empty."""
+        if node is None or node.tag == _NULL_TAG:
+            return []
+        if not isinstance(node, SequenceNode):
+            self.error(
+                node, where, f"expected a list, got {_describe(node, self.value(node, where))}"
+            )
+            return []
+        return list(node.value)
+
+    def name(self, node: Node, where: str) -> str | None:
+        """A service name as written (``007`` stays ``007``), checked against SERVICE_NAME_RE."""
+        if not isinstance(node, ScalarNode):
+            self.error(node, where, f"expected a service name, got {_describe(node, node)}")
+            return None
+        name = str(node.value)
+        if not SERVICE_NAME_RE.fullmatch(name):
+            self.error(
+                node, where, f"invalid service name {name!r}: must match {SERVICE_NAME_RE.pattern}"
+            )
+            return None
+        return name
+
+
+class _Section:
+    """The known keys of one mapping (None when absent or not a mapping), read with defaults."""
+
+    def __init__(
+        self, reader: _Reader, node: Node | None, where: str, fields: dict[str, Node]
+    ) -> None:
+        self.reader = reader
+        self.mapping = node
+        self.where = where
+        self.fields = fields
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def node(self, key: str) -> Node | None:
+        node = self.fields.get(key)
+        return None if node is None or node.tag == _NULL_TAG else node
+
+    def error(self, key: str | None, message: str) -> None:
+        """An error on the value of key, or on the mapping itself when key is None."""
+        node = self.fields[key] if key is not None else self.mapping
+        if node is not None:
+            self.reader.error(node, self.path(key) if key is not None else self.where, message)
+
+    def get(
+        self,
+        key: str,
+        default: _T,
+        parse: Callable[[Any], _T],
+        kinds: tuple[type, ...] = (str,),
+        expected: str = "a string",
+    ) -> _T:
+        """The value at key as ``_Reader.convert`` makes it; default when absent or wrong."""
+        node = self.node(key)
+        if node is None:
+            return default
+        return self.reader.convert(node, self.path(key), default, parse, kinds, expected)
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self.get(key, default, bool, (bool,), "true or false")
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        return self.get(key, default, lambda value: _at_least(value, minimum), (int,), "an integer")
+
+    def duration(self, key: str, default: float) -> float:
+        return self.get(key, default, _positive_duration, (str, int, float), "a duration like 30s")
+
+    def require(self, key: str) -> None:
+        if self.node(key) is None and self.mapping is not None:
+            self.reader.error(self.mapping, self.where, f"missing key {key!r}")
+
+
+def _admin(s: _Section) -> AdminConfig:
+    return AdminConfig(
+        listen=s.get("listen", AdminConfig.listen, parse_listen),
+        token_env=s.get("token_env", None, _env_name),
+    )
+
+
+def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
+    max_ttl = s.duration("max_ttl", RegistryConfig.max_ttl)
+    default_ttl = s.duration("default_ttl", RegistryConfig.default_ttl)
+    if max_ttl < 1:
+        s.error("max_ttl", "must be at least 1s")
+    elif not 1 <= default_ttl <= max_ttl:
+        if s.node("default_ttl") is not None:
+            s.error("default_ttl", f"must be between 1s and max_ttl ({_format_duration(max_ttl)})")
+        else:
+            s.error("max_ttl", f"must be at least default_ttl ({_format_duration(default_ttl)})")
+    snapshot = s.get("snapshot", None, _file_path)
+    if snapshot is not None and base_dir is not None:
+        snapshot = base_dir / snapshot
+    backend = s.get("backend", RegistryConfig.backend, _backend)
+    return RegistryConfig(default_ttl, max_ttl, snapshot, backend)
+
+
+def _proxy(s: _Section) -> ProxySettings:
+    d = ProxySettings()
+    return ProxySettings(
+        connect_timeout=s.duration("connect_timeout", d.connect_timeout),
+        timeout=s.duration("timeout", d.timeout),
+        retries=s.integer("retries", d.retries, 0),
+        header_timeout=s.duration("header_timeout", d.header_timeout),
+        idle_timeout=s.duration("idle_timeout", d.idle_timeout),
+        max_connections=s.integer("max_connections", d.max_connections, 1),
+    )
+
+
+def _routes(reader: _Reader, node: Node | None, proxy: ProxySettings) -> tuple[RouteConfig, ...]:
+    routes: list[RouteConfig] = []
+    first_lines: dict[tuple[str | None, str], int] = {}
+    for index, item in enumerate(reader.items(node, "routes")):
+        errors_before = len(reader.errors)
+        s = reader.section(item, f"routes[{index}]", _ROUTE_KEYS)
+        s.require("prefix")
+        s.require("service")
+        service = s.node("service")
+        name = reader.name(service, s.path("service")) if service is not None else None
+        route = RouteConfig(
+            prefix=s.get("prefix", "/", _prefix),
+            service=name or "",
+            strip_prefix=s.flag("strip_prefix", False),
+            host=s.get("host", None, _route_host),
+            preserve_host=s.flag("preserve_host", True),
+            timeout=s.duration("timeout", proxy.timeout),
+            connect_timeout=s.duration("connect_timeout", proxy.connect_timeout),
+            retries=s.integer("retries", proxy.retries, 0),
+            max_body=s.get("max_body", None, parse_size, (str, int), "a size like 10MiB"),
+            line=item.start_mark.line + 1,
+        )
+        if len(reader.errors) > errors_before:
+            continue  # a route with mistakes is reported once, not again as a duplicate
+        key = (route.host, route.prefix)
+        if key in first_lines:
+            host = f" and host {route.host}" if route.host else ""
+            first = first_lines[key]
+            s.error(
+                "prefix", f"duplicate route for prefix {route.prefix}{host} (first on line {first})"
+            )
+            continue
+        first_lines[key] = route.line
+        routes.append(route)
+    return tuple(routes)
+
+
+def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
+    services = {}
+    for _, key_node, value_node in reader.entries(node, "services"):
+        name = reader.name(key_node, "services")
+        s = reader.section(value_node, f"services.{key_node.value}", _SERVICE_KEYS)
+        instances = _instances(reader, s.node("instances"), s.path("instances"))
+        health = _health_check(
+            reader.section(s.node("health_check"), s.path("health_check"), _HEALTH_KEYS)
+        )
+        outlier = _outlier(reader.section(s.node("outlier"), s.path("outlier"), _OUTLIER_KEYS))
+        if name is not None:
+            services[name] = ServiceConfig(name, instances, health, outlier)
+    return services
+
+
+def _instances(reader: _Reader, node: Node | None, where: str) -> tuple[tuple[str, int], ...]:
+    instances: list[tuple[str, int]] = []
+    for index, item in enumerate(reader.items(node, where)):
+        address = reader.convert(item, f"{where}[{index}]", None, _parse_address)
+        if address in instances:
+            reader.error(
+                item, f"{where}[{index}]", f"duplicate instance {format_address(*address)}"
+            )
+        elif address is not None:
+            instances.append(address)
+    return tuple(instances)
+
+
+def _health_check(s: _Section) -> HealthCheckConfig | None:
+    if s.mapping is None:
+        return None
+    d = HealthCheckConfig()
+    tcp = s.flag("tcp", False)
+    if tcp and s.node("path") is not None:
+        s.error(None, "path (an HTTP check) and tcp: true exclude each other")
+    elif not tcp and s.node("path") is None:
+        s.error(None, "set path (an HTTP check, e.g. path: /healthz) or tcp: true")
+    return HealthCheckConfig(
+        path=None if tcp else s.get("path", None, _check_path),
+        tcp=tcp,
+        interval=s.duration("interval", d.interval),
+        timeout=s.duration("timeout", d.timeout),
+        healthy=s.integer("healthy", d.healthy, 1),
+        unhealthy=s.integer("unhealthy", d.unhealthy, 1),
+        expected_status=s.get("expected_status", d.expected_status, _status_range, (str, int)),
+    )
+
+
+def _outlier(s: _Section) -> OutlierConfig:
+    d = OutlierConfig()
+    return OutlierConfig(
+        consecutive_failures=s.integer("consecutive_failures", d.consecutive_failures, 1),
+        base_ejection=s.duration("base_ejection", d.base_ejection),
+        max_ejected=s.get("max_ejected", d.max_ejected, _fraction, (str, int, float), "a number"),
+        consecutive_5xx=s.get("consecutive_5xx", None, _positive_int, (int,), "an integer"),
+    )
+
+
+# Value parsers: each raises ValueError with the message a user sees after "where: ".
+
+
+def _at_least(value: int, minimum: int) -> int:
+    if value < minimum:
+        raise ValueError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _positive_int(value: int) -> int:
+    return _at_least(value, 1)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME_RE.fullmatch(value):
+        raise ValueError(f"must name an environment variable, got {value!r}")
+    return value
+
+
+def _file_path(value: str) -> Path:
+    if not value.strip():
+        raise ValueError("must be a file path")
+    return Path(value)
+
+
+def _backend(value: str) -> str:
+    if value == "memory":
+        return value
+    usage = f"invalid backend {value!r}: use memory or etcd://HOST:PORT[,HOST:PORT...]"
+    scheme, _, addresses = value.partition("://")
+    if scheme != "etcd":
+        raise ValueError(usage)
+    for address in addresses.split(","):
+        try:
+            _parse_address(address)
+        except ValueError:
+            raise ValueError(usage) from None
+    return value
+
+
+def _prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with /, got {value!r}")
+    prefix = value[:-1] if len(value) > 1 and value.endswith("/") else value
+    segments = prefix[1:].split("/") if prefix != "/" else []
+    if any(s in ("", ".", "..") for s in segments) or re.search(r"[\s?#]", prefix):
+        raise ValueError(f"use a plain path like /api/users (no //, ., .., ? or #), got {value!r}")
+    return prefix
+
+
+def _route_host(value: str) -> str:
+    try:
+        return validate_host(value)
+    except InvalidField:
+        raise ValueError(f"use a host name without scheme or port, got {value!r}") from None
+
+
+def _check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with /, got {value!r}")
+    return value
+
+
+def _status_range(value: str | int) -> tuple[int, int]:
+    match = _STATUS_RANGE_RE.fullmatch(str(value))
+    low, high = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+    if not 100 <= low <= high <= 599:
+        raise ValueError(f"use a status like 200 or a range like 200-399, got {value!r}")
+    return low, high
+
+
+def _fraction(value: str | float) -> float:
+    match = _PERCENT_RE.fullmatch(value) if isinstance(value, str) else None
+    fraction = float(match.group(1)) / 100 if match else value
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"use a percentage like 50% or a fraction 0..1, got {value!r}")
+    return float(fraction)
+
+
+def _parse_port(text: str, minimum: int, context: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not minimum <= int(text) <= 65535:
+        raise ValueError(f"{context}: port must be an integer in {minimum}..65535")
+    return int(text)
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    """An instance or etcd ``host:port``; IPv6 in brackets as ``[::1]:9000``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"invalid address {text!r}: use host:port")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(
+            f"invalid address {text!r}: put an IPv6 address in brackets, e.g. [::1]:9000"
+        )
+    try:
+        return validate_host(host), _parse_port(port_text, 1, f"invalid address {text!r}")
+    except InvalidField as exc:
+        raise ValueError(f"invalid address {text!r}: {exc.message}") from None
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown key {key!r} ({hint})"
+
+
+def _describe(node: Node, value: object) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return repr(value) if isinstance(value, str) else str(node.value) or "null"
+
+
+def _covers(short: str, long: str) -> bool:
+    return short != long and (short == "/" or long.startswith(short + "/"))
+
+
+def _route_options(route: RouteConfig, proxy: ProxySettings) -> str:
+    """The route's non-default settings; timeouts and retries compare with the proxy's."""
+    options = ["strip_prefix"] if route.strip_prefix else []
+    if not route.preserve_host:
+        options.append("preserve_host=false")
+    if route.timeout != proxy.timeout:
+        options.append(f"timeout={_format_duration(route.timeout)}")
+    if route.connect_timeout != proxy.connect_timeout:
+        options.append(f"connect_timeout={_format_duration(route.connect_timeout)}")
+    if route.retries != proxy.retries:
+        options.append(f"retries={route.retries}")
+    if route.max_body is not None:
+        options.append(f"max_body={_format_size(route.max_body)}")
+    return " ".join(options)
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, scale in (("h", 3600), ("m", 60)):
+        if seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _format_size(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
