@@ -23,9 +23,11 @@ async def test_request_in_flight_finishes_and_new_connections_are_refused(
     port = gw.gateway.proxy_port
 
     async def slow_request() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/slow?delay=0.5") as response:
-                return response.status, await response.text()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/slow?delay=0.5") as response,
+        ):
+            return response.status, await response.text()
 
     in_flight = asyncio.create_task(slow_request())
     await up.arrived.wait()

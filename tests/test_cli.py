@@ -1,0 +1,175 @@
+"""The command line as a user runs it: exit codes, one-line errors, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = """
+routes:
+  - prefix: /api/users
+    service: users
+    strip_prefix: true
+  - prefix: /api
+    service: api
+  - prefix: /
+    service: web
+"""
+
+
+def gateway(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_check_prints_the_routing_table_and_warns_of_shadowing(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(GOOD)
+    result = gateway("check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(
+        "/api/users" in line and "users" in line and "strip_prefix" in line for line in lines
+    )
+    assert any(re.search(r"\*\s+/\s+-> web", line) for line in lines)
+    assert "shadows part of /api" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_reports_every_mistake_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "routes:\n"
+        "  - prefix: api\n"
+        "    service: users\n"
+        "  - prefix: /x\n"
+        "    service: Bad_Name\n"
+        "    timout: 5s\n"
+    )
+    result = gateway("check", "--config", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert [e.split(":")[1] for e in errors] == ["2", "5", "6"]
+    assert all(e.startswith("bad.yaml:") for e in errors)
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_is_one_line(tmp_path: Path) -> None:
+    result = gateway("run", "--config", "nope.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "nope.yaml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["run", "--listen", "nonsense"],
+        ["run", "--workers", "0"],
+        ["register", "web"],
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
+    result = gateway(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip()
+
+
+def test_open_admin_without_token_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(GOOD)
+    result = gateway(
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "0.0.0.0:0",
+        cwd=tmp_path,
+        env={"GATEWAY_ADMIN_TOKEN": ""},
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "token" in result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "routes.yaml").write_text(GOOD)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = gateway(
+            "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0", cwd=tmp_path
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def _start_gateway(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+    (tmp_path / "routes.yaml").write_text(GOOD)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
+        assert line, "gateway exited before listening"
+        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
+        if found:
+            return process, int(found.group(1)), int(found.group(2))
+
+
+async def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path, upstreams):
+    process, proxy_port, admin_port = await _start_gateway(tmp_path)
+    try:
+        up = await upstreams("web")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"http://127.0.0.1:{admin_port}/registry/services/web/instances",
+                json={"host": "127.0.0.1", "port": up.port},
+            ) as response:
+                assert response.status == 201
+            request = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{proxy_port}/slow?delay=0.5")
+            )
+            await up.arrived.wait()
+            process.send_signal(signal.SIGTERM)
+            response = await request
+            assert response.status == 200
+            assert await response.text() == "slow"
+            response.release()
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
