@@ -69,6 +69,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # Evict ended leases first, so a scrape never shows an instance gone from
+    # gateway_registry_instances without its eviction counted.
+    request.app[registry_api.REGISTRY].expire()
     body = generate_latest(request.app[METRICS].collector_registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -1,0 +1,159 @@
+"""The admin listener's probes and routing table (SPEC section 8, "Admin and CLI")."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+
+ROUTES = """
+routes:
+  - prefix: /api/users
+    service: users
+    strip_prefix: true
+  - prefix: /api
+    service: api
+  - prefix: /
+    service: site
+    host: Example.COM
+"""
+
+
+async def _get(gw, path):
+    async with gw.session.get(gw.admin_url + path) as response:
+        return response.status, await response.json(), response.headers
+
+
+def _assert_error(status, body, expected_status, code):
+    assert status == expected_status, body
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+async def test_healthz(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    status, _, headers = await _get(gw, "/healthz")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+
+
+async def test_readyz(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    status, body, _ = await _get(gw, "/readyz")
+    assert status == 200
+    assert body == {"status": "ready"}
+
+
+async def test_routes_lists_the_table_with_counts(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    for port in (9000, 9001):
+        async with gw.session.post(
+            gw.admin_url + "/registry/services/users/instances",
+            json={"host": "127.0.0.1", "port": port},
+        ) as response:
+            assert response.status == 201
+    async with gw.session.patch(
+        gw.admin_url + "/registry/services/users/instances/127.0.0.1:9001",
+        json={"state": "draining"},
+    ) as response:
+        assert response.status == 200
+    status, body, _ = await _get(gw, "/routes")
+    assert status == 200
+    assert set(body) == {"routes"}
+    listed = sorted(body["routes"], key=lambda r: (r["host"] or "", r["prefix"]))
+    assert listed == [
+        {
+            "host": None,
+            "prefix": "/api",
+            "service": "api",
+            "strip_prefix": False,
+            "instances": 0,
+            "healthy": 0,
+        },
+        {
+            "host": None,
+            "prefix": "/api/users",
+            "service": "users",
+            "strip_prefix": True,
+            "instances": 2,
+            "healthy": 1,
+        },
+        {
+            "host": "example.com",
+            "prefix": "/",
+            "service": "site",
+            "strip_prefix": False,
+            "instances": 0,
+            "healthy": 0,
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        (
+            {"path": "/api/users/7"},
+            {"host": None, "prefix": "/api/users", "service": "users", "upstream_path": "/7"},
+        ),
+        (
+            {"path": "/api/users"},
+            {"host": None, "prefix": "/api/users", "service": "users", "upstream_path": "/"},
+        ),
+        (
+            {"path": "/api/users/"},
+            {"host": None, "prefix": "/api/users", "service": "users", "upstream_path": "/"},
+        ),
+        (
+            {"path": "/api/usersX"},
+            {"host": None, "prefix": "/api", "service": "api", "upstream_path": "/api/usersX"},
+        ),
+        (
+            {"path": "/api/users/../v2/x"},
+            {"host": None, "prefix": "/api", "service": "api", "upstream_path": "/api/v2/x"},
+        ),
+        (
+            {"path": "/x/%2e%2e/api/users/3"},
+            {"host": None, "prefix": "/api/users", "service": "users", "upstream_path": "/3"},
+        ),
+        (
+            {"path": "/nothing", "host": "example.com"},
+            {"host": "example.com", "prefix": "/", "service": "site", "upstream_path": "/nothing"},
+        ),
+        (
+            {"path": "/nothing", "host": "EXAMPLE.com:8443"},
+            {"host": "example.com", "prefix": "/", "service": "site", "upstream_path": "/nothing"},
+        ),
+        (
+            {"path": "/api/users/7", "host": "example.com"},
+            {"host": None, "prefix": "/api/users", "service": "users", "upstream_path": "/7"},
+        ),
+    ],
+)
+async def test_routes_path_shows_the_match(gateway_factory, query, match):
+    gw = await gateway_factory(ROUTES)
+    status, body, _ = await _get(gw, "/routes?" + urlencode(query))
+    assert status == 200, body
+    assert body == {"match": match}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"path": "/nothing"},
+        {"path": "/nothing", "host": "other.example.com"},
+        {"path": "/apiX"},
+    ],
+)
+async def test_routes_path_without_match_is_no_route(gateway_factory, query):
+    gw = await gateway_factory(ROUTES)
+    status, body, _ = await _get(gw, "/routes?" + urlencode(query))
+    _assert_error(status, body, 404, "no_route")
+
+
+@pytest.mark.parametrize("path", ["/../x", "/api/../../x", "/%2e%2e/x", "api/users"])
+async def test_routes_path_that_cannot_be_normalised_is_bad_path(gateway_factory, path):
+    gw = await gateway_factory(ROUTES)
+    status, body, _ = await _get(gw, "/routes?" + urlencode({"path": path}))
+    _assert_error(status, body, 400, "bad_path")

@@ -1,0 +1,239 @@
+"""/metrics on the admin listener (SPEC section 6)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import string
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes import FakeClock
+
+ROUTES = """
+routes:
+  - prefix: /api
+    service: api
+  - prefix: /empty
+    service: empty
+"""
+
+# SPEC section 6: name -> (type, labels)
+SPEC_METRICS = {
+    "gateway_requests_total": ("counter", {"route", "service", "method", "code"}),
+    "gateway_request_duration_seconds": ("histogram", {"route", "service"}),
+    "gateway_requests_in_flight": ("gauge", {"service"}),
+    "gateway_upstream_errors_total": ("counter", {"service", "reason"}),
+    "gateway_retries_total": ("counter", {"service"}),
+    "gateway_registry_instances": ("gauge", {"service", "state"}),
+    "gateway_registry_registrations_total": ("counter", {"service"}),
+    "gateway_registry_deregistrations_total": ("counter", {"service"}),
+    "gateway_registry_evictions_total": ("counter", {"service"}),
+    "gateway_registry_heartbeats_total": ("counter", {"service"}),
+    "gateway_config_reloads_total": ("counter", {"result"}),
+}
+LABEL_VALUES = {
+    "gateway_upstream_errors_total": ("reason", {"connect", "timeout", "reset", "protocol"}),
+    "gateway_registry_instances": ("state", {"up", "draining", "ejected", "failing"}),
+    "gateway_config_reloads_total": ("result", {"success", "failure"}),
+}
+
+
+async def _scrape(gw):
+    async with gw.session.get(gw.admin_url + "/metrics") as response:
+        assert response.status == 200
+        return await response.text(), response.headers["Content-Type"]
+
+
+def _families(text):
+    """{metric name as exposed: family}; counters are keyed with their _total suffix."""
+    families = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        families[name] = family
+    return families
+
+
+def _value(text, name, **labels):
+    """The value of the one sample called ``name`` with exactly ``labels``, or None."""
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels == labels
+    ]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def _series(text):
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def _get(gw, path, method="GET"):
+    async with gw.session.request(method, gw.proxy_url + path) as response:
+        await response.read()
+        return response.status
+
+
+async def _admin(gw, method, path, **kwargs):
+    async with gw.session.request(method, gw.admin_url + path, **kwargs) as response:
+        await response.read()
+        return response.status
+
+
+async def _exercise(gw, upstreams, clock):
+    """One proxied 200, 404 and 503, and every kind of registry event."""
+    up = await upstreams("api")
+    await gw.register("api", up)
+    await gw.register("api", up)  # re-registration counts too
+    assert await _get(gw, "/api/x") == 200
+    assert await _get(gw, "/nothing/here") == 404
+    assert await _get(gw, "/empty/x") == 503
+    instance = f"/registry/services/api/instances/127.0.0.1:{up.port}"
+    assert await _admin(gw, "PUT", instance + "/heartbeat") == 200
+    body = {"host": "127.0.0.1", "port": 1}
+    assert await _admin(gw, "POST", "/registry/services/gone/instances", json=body) == 201
+    assert await _admin(gw, "DELETE", "/registry/services/gone/instances/127.0.0.1:1") == 204
+    body = {"host": "127.0.0.1", "port": 2, "ttl": "1s"}
+    assert await _admin(gw, "POST", "/registry/services/brief/instances", json=body) == 201
+    clock.advance(1.0)
+    assert await _admin(gw, "GET", "/registry/services") == 200  # sees the lease gone
+    return up
+
+
+async def test_content_type_is_prometheus_text(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    _, content_type = await _scrape(gw)
+    media_type, _, params = content_type.partition(";")
+    assert media_type.strip() == "text/plain"
+    assert "version=" in params
+
+
+async def test_every_spec_metric_with_exactly_its_labels(gateway_factory, upstreams):
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    await _exercise(gw, upstreams, clock)
+    text, _ = await _scrape(gw)
+    families = _families(text)
+    for name, (kind, labels) in SPEC_METRICS.items():
+        assert name in families, f"{name} missing"
+        family = families[name]
+        assert family.type == kind, name
+        assert family.samples, f"{name} has no series"
+        for sample in family.samples:
+            expected = labels | {"le"} if sample.name.endswith("_bucket") else labels
+            assert set(sample.labels) == expected, (name, sample)
+    for name, (label, allowed) in LABEL_VALUES.items():
+        assert {s.labels[label] for s in families[name].samples} <= allowed, name
+
+
+async def test_requests_are_labelled_by_route_not_path(gateway_factory, upstreams):
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    await _exercise(gw, upstreams, clock)
+    text, _ = await _scrape(gw)
+    name = "gateway_requests_total"
+    assert _value(text, name, route="/api", service="api", method="GET", code="200") == 1
+    assert _value(text, name, route="none", service="none", method="GET", code="404") == 1
+    assert _value(text, name, route="/empty", service="empty", method="GET", code="503") == 1
+    routes = {
+        sample.labels["route"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "route" in sample.labels
+    }
+    assert routes <= {"/api", "/empty", "none"}
+    count = "gateway_request_duration_seconds_count"
+    assert _value(text, count, route="/api", service="api") == 1
+    assert _value(text, count, route="none", service="none") == 1
+    assert _value(text, "gateway_requests_in_flight", service="api") == 0
+
+
+async def test_registry_counters_move(gateway_factory, upstreams):
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    await _exercise(gw, upstreams, clock)
+    text, _ = await _scrape(gw)
+    assert _value(text, "gateway_registry_registrations_total", service="api") == 2
+    assert _value(text, "gateway_registry_heartbeats_total", service="api") == 1
+    assert _value(text, "gateway_registry_deregistrations_total", service="gone") == 1
+    assert _value(text, "gateway_registry_evictions_total", service="brief") == 1
+    assert _value(text, "gateway_registry_evictions_total", service="api") in (None, 0)
+    assert _value(text, "gateway_config_reloads_total", result="success") == 0
+    assert _value(text, "gateway_config_reloads_total", result="failure") == 0
+
+
+async def test_registry_instances_by_state(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    for port in (9000, 9001, 9002):
+        body = {"host": "127.0.0.1", "port": port}
+        assert await _admin(gw, "POST", "/registry/services/api/instances", json=body) == 201
+    change = {"state": "draining"}
+    path = "/registry/services/api/instances/127.0.0.1:9002"
+    assert await _admin(gw, "PATCH", path, json=change) == 200
+    text, _ = await _scrape(gw)
+    name = "gateway_registry_instances"
+    assert _value(text, name, service="api", state="up") == 2
+    assert _value(text, name, service="api", state="draining") == 1
+    assert _value(text, name, service="api", state="ejected") in (None, 0)
+    assert _value(text, name, service="api", state="failing") in (None, 0)
+    assert await _admin(gw, "DELETE", "/registry/services/api/instances/127.0.0.1:9000") == 204
+    text, _ = await _scrape(gw)
+    assert _value(text, name, service="api", state="up") == 1
+
+
+async def test_first_scrape_after_a_lease_ends_counts_the_eviction(gateway_factory):
+    """The lease ends at its expiry, not at the next sweep: one scrape tells one story."""
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    body = {"host": "127.0.0.1", "port": 9000, "ttl": "1s"}
+    assert await _admin(gw, "POST", "/registry/services/api/instances", json=body) == 201
+    clock.advance(1.0)
+    text, _ = await _scrape(gw)
+    assert _value(text, "gateway_registry_instances", service="api", state="up") == 0
+    assert _value(text, "gateway_registry_evictions_total", service="api") == 1
+
+
+async def test_unmatched_paths_add_no_series(gateway_factory, upstreams):
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    await _exercise(gw, upstreams, clock)
+    methods = ["GET", "POST", "PURGE", "PROPFIND", "MKCOL", "LINK"]
+    for method in methods:  # the series a 404 can have: GET, POST and one OTHER
+        assert await _get(gw, "/warm", method=method) == 404
+    before, _ = await _scrape(gw)
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits
+    for _ in range(200):
+        path = "/" + "/".join(
+            "".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 4))
+        )
+        query = "?" + "".join(rng.choices(alphabet, k=8))
+        assert await _get(gw, path + query, method=rng.choice(methods)) == 404
+    after, _ = await _scrape(gw)
+    assert _series(after) == _series(before)
+    total = sum(
+        _value(after, "gateway_requests_total", route="none", service="none", method=m, code="404")
+        or 0
+        for m in ("GET", "POST", "OTHER")
+    )
+    assert total == 200 + len(methods) + 1  # these, the warm-up, the one from _exercise
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+async def test_promtool_accepts_the_output(gateway_factory, upstreams):
+    clock = FakeClock()
+    gw = await gateway_factory(ROUTES, clock=clock)
+    await _exercise(gw, upstreams, clock)
+    text, _ = await _scrape(gw)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
