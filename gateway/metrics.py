@@ -17,7 +17,8 @@ from registry.store import Registry
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 INSTANCE_STATES = ("up", "draining", "ejected", "failing")
 UPSTREAM_ERROR_REASONS = ("connect", "timeout", "reset", "protocol")
-disable_created_metrics()  # the *_created series double the output and nobody reads them
+# The *_created series double the output and nobody reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
