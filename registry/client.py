@@ -452,8 +452,11 @@ def parse_instance_address(address: str) -> tuple[str, int]:
 
 
 @contextmanager
-def sigterm_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM ends the sidecar like Ctrl-C does, so it deregisters first."""
+def signals_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT end the sidecar like Ctrl-C does, so it deregisters first.
+
+    SIGINT is set explicitly because a shell starts background jobs with it ignored.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -461,11 +464,12 @@ def sigterm_as_keyboard_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_sidecar(
@@ -483,5 +487,5 @@ def run_sidecar(
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    with sigterm_as_keyboard_interrupt():
+    with signals_as_keyboard_interrupt():
         return Sidecar(client, service, body, sleep=sleep).run()

@@ -173,3 +173,42 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path, u
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_register_sidecar_keeps_the_lease_and_deregisters_on_ctrl_c(gateway_factory):
+    gw = await gateway_factory(GOOD)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "register",
+        "web",
+        "127.0.0.1:9",
+        "--ttl",
+        "1s",
+        "--admin",
+        gw.admin_url,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line.startswith(b"registered web/127.0.0.1:9")
+        listing = f"{gw.admin_url}/registry/services/web"
+        async with gw.session.get(listing) as response:
+            [instance] = (await response.json())["instances"]
+        # Two heartbeats later (ttl 1s, one every 1/3 s), the lease was renewed.
+        index = response.headers["X-Registry-Index"]
+        async with gw.session.get(f"{listing}?index={index}&wait=700ms") as response:
+            [renewed] = (await response.json())["instances"]
+        assert renewed["expires_at"] > instance["expires_at"]
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        async with gw.session.get(listing) as response:
+            assert (await response.json())["instances"] == []
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -25,7 +25,7 @@ from registry.client import (
     format_services,
     print_services,
     run_sidecar,
-    sigterm_as_keyboard_interrupt,
+    signals_as_keyboard_interrupt,
 )
 from registry.models import format_address
 
@@ -472,7 +472,7 @@ def test_sigterm_becomes_keyboard_interrupt_and_the_handler_is_restored() -> Non
         pytest.skip("signals reach the main thread only")
     before = signal.getsignal(signal.SIGTERM)
 
-    with pytest.raises(KeyboardInterrupt), sigterm_as_keyboard_interrupt():
+    with pytest.raises(KeyboardInterrupt), signals_as_keyboard_interrupt():
         signal.raise_signal(signal.SIGTERM)
 
     assert signal.getsignal(signal.SIGTERM) == before
