@@ -33,8 +33,29 @@ def _headers_size(request: web.BaseRequest) -> int:
     return sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _RequestBody:
+    """The client's body, streamed upstream once; answers Expect: 100-continue on first read.
+
+    A body over the route's ``max_body`` stops the upload; aiohttp reports that as a broken
+    connection, so ``too_large`` tells the proxy what really happened.
+    """
+
+    def __init__(self, request: web.BaseRequest, limit: int | None) -> None:
+        self._request = request
+        self._limit = limit
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        request = self._request
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(_CONTINUE)
+        seen = 0
+        while chunk := await request.content.readany():
+            seen += len(chunk)
+            if self._limit is not None and seen > self._limit:
+                self.too_large = True
+                raise ConnectionAbortedError("request body over max_body")
+            yield chunk
 
 
 class Proxy:
@@ -129,6 +150,7 @@ class Proxy:
                 route_metrics.retries.inc()
             tried.append(instance.id)
             self.registry.request_started(instance)
+            body = _RequestBody(request, route.max_body) if has_body else None
             try:
                 headers = upstream_request_headers(
                     request.headers.items(),
@@ -138,18 +160,21 @@ class Proxy:
                     host_override=None if route.preserve_host else instance.address,
                     forwarded_prefix=route.prefix if route.strip_prefix else None,
                 )
-                body = self._body(request, route.max_body) if has_body else None
                 upstream = await self.client.send(
                     instance,
                     request.method,
                     target,
                     headers,
-                    body,
+                    body.__aiter__() if body is not None else None,
                     connect_timeout=route.connect_timeout,
                     timeout=route.timeout,
                 )
                 return await self._respond(request, upstream, request_id, instance)
             except UpstreamError as error:
+                if body is not None and body.too_large:
+                    raise GatewayError(
+                        413, "payload_too_large", f"body over {route.max_body} bytes for this route"
+                    ) from None
                 route_metrics.upstream_error(error.reason)
                 last_error = error
                 log.warning(
@@ -163,10 +188,6 @@ class Proxy:
                 )
                 if not self._may_retry(error, request.method, has_body):
                     break
-            except _BodyTooLarge:
-                raise GatewayError(
-                    413, "payload_too_large", f"body over {route.max_body} bytes for this route"
-                ) from None
             finally:
                 self.registry.request_finished(instance)
         raise self._failure(last_error, route.service)
@@ -202,21 +223,6 @@ class Proxy:
             "upstream_protocol_error",
             f"the connection to {service!r} broke before a full response head",
         )
-
-    @staticmethod
-    async def _body(request: web.BaseRequest, limit: int | None) -> AsyncIterator[bytes]:
-        """The request body, streamed; answers Expect: 100-continue when first read."""
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(_CONTINUE)
-        seen = 0
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                return
-            seen += len(chunk)
-            if limit is not None and seen > limit:
-                raise _BodyTooLarge
-            yield chunk
 
     async def _respond(
         self,

@@ -302,3 +302,45 @@ async def test_gzip_body_passes_untouched(gateway_factory, upstreams):
             assert await response.read() == compressed
     finally:
         await runner.cleanup()
+
+
+async def test_max_body_refuses_large_bodies_with_or_without_length(gateway_factory, upstreams):
+    gw = await gateway_factory(
+        "routes:\n  - prefix: /small\n    service: api\n    max_body: 1KiB\n"
+    )
+    up = await upstreams("api")
+    await gw.register("api", up)
+
+    async def chunked():
+        for _ in range(4):
+            yield b"x" * 1000
+
+    for body in (b"x" * 2000, chunked()):
+        async with gw.session.post(gw.proxy_url + "/small/upload", data=body) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["code"] == "payload_too_large"
+    assert up.requests == []  # nothing complete reached the upstream
+    async with gw.session.post(gw.proxy_url + "/small/upload", data=b"x" * 1024) as response:
+        assert response.status == 200
+        assert (await response.json())["length"] == 1024
+
+
+async def test_expect_100_continue_is_answered(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("api")
+    await gw.register("api", up)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(
+        b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert final.startswith(b"HTTP/1.1 200")
+    assert b'"length": 5' in final
+    sent = {k.lower() for k, _ in up.requests[0]["headers"]}
+    assert b"expect" not in sent
