@@ -344,3 +344,63 @@ async def test_expect_100_continue_is_answered(gateway_factory, upstreams):
     assert b'"length": 5' in final
     sent = {k.lower() for k, _ in up.requests[0]["headers"]}
     assert b"expect" not in sent
+
+
+async def test_client_disconnect_closes_the_upstream_connection(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    got_request, upstream_closed = asyncio.Event(), asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got_request.set()
+        if await reader.read() == b"":  # the gateway closed its side
+            upstream_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = f"{gw.admin_url}/registry/services/api/instances"
+        async with gw.session.post(url, json={"host": "127.0.0.1", "port": port}) as response:
+            assert response.status == 201
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+        writer.write(b"GET /api/wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(got_request.wait(), 5)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(upstream_closed.wait(), 5)
+        async with gw.session.get(gw.admin_url + "/registry/services/api") as response:
+            [instance] = (await response.json())["instances"]
+        assert instance["in_flight"] == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_truncated_upstream_body_aborts_the_client_connection(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+
+    async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(truncate, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        url = f"{gw.admin_url}/registry/services/api/instances"
+        async with gw.session.post(url, json={"host": "127.0.0.1", "port": port}) as response:
+            assert response.status == 201
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+        writer.write(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 5)  # ends: the gateway closed
+        writer.close()
+        await writer.wait_closed()
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"Content-Length: 100" in head
+        assert len(body) < 100  # short, and the connection closed: the client can tell
+    finally:
+        server.close()
+        await server.wait_closed()
