@@ -115,13 +115,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from registry.client import print_services
+    from registry.sidecar import print_services
 
     return print_services(args.admin, args.token)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from registry.client import run_sidecar
+    from registry.sidecar import run_sidecar
 
     return run_sidecar(args.admin, args.token, args.service, args.address, args.ttl)
 

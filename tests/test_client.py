@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 
-from registry.client import (
-    AdminClient,
-    AdminError,
-    AdminUnreachable,
+from registry.client import AdminClient, AdminError, AdminUnreachable
+from registry.sidecar import (
     Sidecar,
     format_services,
     print_services,
