@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CLIENT_CLOSED = 499
 _CLOSE_AFTER = frozenset({400, 405, 413, 431})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -97,6 +98,9 @@ class Proxy:
             if error.status in _CLOSE_AFTER:
                 response.force_close()  # the rest of the request is not worth reading
             return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away; nginx logs this as 499
+            raise
         finally:
             route_metrics.observe(request.method, status, loop.time() - started)
 

@@ -372,6 +372,13 @@ async def test_client_disconnect_closes_the_upstream_connection(gateway_factory)
         async with gw.session.get(gw.admin_url + "/registry/services/api") as response:
             [instance] = (await response.json())["instances"]
         assert instance["in_flight"] == 0
+        async with gw.session.get(gw.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        assert (
+            'gateway_requests_total{code="499",method="GET",route="/api",service="api"} 1.0'
+            in metrics
+        )
+        assert 'gateway_requests_in_flight{service="api"} 0.0' in metrics
     finally:
         server.close()
         await server.wait_closed()
