@@ -15,11 +15,10 @@ from aiohttp import web
 
 from gateway.admin import build_admin_app
 from gateway.config import Config
+from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
-from gateway.server import ProxyServer
-from gateway.upstream import UpstreamClient
 from registry.runtime import RegistryRuntime
 from registry.store import Registry
 
@@ -82,70 +81,53 @@ class Gateway:
         self.runtime = RegistryRuntime(self.registry)
         self.metrics = GatewayMetrics(self.registry)
         self.readiness: dict[str, str] = {}
-        self._runners: list[web.BaseRunner] = []
-        self._client: UpstreamClient | None = None
+        self._admin: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self.proxy: Proxy | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
 
     async def start(self) -> None:
-        self._client = UpstreamClient()
-        self.proxy = Proxy(
-            RouteTable(self.config.routes), self.registry, self.metrics, self._client
-        )
-        proxy_server = ProxyServer(
-            self.proxy.handle,
-            handler_cancellation=True,  # a client that disconnects cancels its upstream call
-            access_log=None,
-            keepalive_timeout=self.config.proxy.idle_timeout,
-        )
+        self.proxy = Proxy(RouteTable(self.config.routes), self.registry, self.metrics)
         admin_app = build_admin_app(
             self.proxy, self.registry, self.runtime, self.metrics, self.token, self.readiness
         )
-        proxy_runner = web.ServerRunner(
-            proxy_server, handle_signals=False, shutdown_timeout=self.shutdown_grace
-        )
-        admin_runner = web.AppRunner(
-            admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0
-        )
         try:
-            for runner, (host, port) in (
-                (proxy_runner, self.listen),
-                (admin_runner, self.admin_listen),
-            ):
-                await runner.setup()
-                self._runners.append(runner)
-                try:
-                    await web.TCPSite(runner, host, port, backlog=1024).start()
-                except OSError as exc:
-                    raise StartupError(
-                        f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-                    ) from None
+            self._listener = Listener(self.proxy, self.config.proxy)
+            host, port = self.listen
+            try:
+                self.proxy_port = await self._listener.start(host, port)
+            except OSError as exc:
+                self._listener = None
+                raise StartupError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            self._admin = web.AppRunner(
+                admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+            )
+            await self._admin.setup()
+            host, port = self.admin_listen
+            try:
+                await web.TCPSite(self._admin, host, port, backlog=1024).start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            self.admin_port = int(self._admin.addresses[0][1])
         except BaseException:
             await self.stop()
             raise
         self.runtime.start()
 
-    @property
-    def proxy_port(self) -> int:
-        return _port(self._runners[0])
-
-    @property
-    def admin_port(self) -> int:
-        return _port(self._runners[1])
-
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace), close."""
         self.runtime.stop()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-
-def _port(runner: web.BaseRunner) -> int:
-    address = runner.addresses[0]
-    return int(address[1])
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.shutdown(self.shutdown_grace)
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.cleanup()
 
 
 async def serve(gateway: Gateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from aiohttp import web
 
@@ -37,3 +38,28 @@ def error_response(
 
 def to_response(error: GatewayError) -> web.Response:
     return error_response(error.status, error.code, error.message, error.headers)
+
+
+def error_bytes(
+    status: int,
+    code: str,
+    message: str,
+    request_id: bytes,
+    extra: bytes = b"",
+    close: bool = False,
+) -> bytes:
+    """A whole JSON error response, as the data plane writes it."""
+    body = error_body(code, message)
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            b"X-Request-ID: ",
+            request_id,
+            b"\r\n",
+            extra,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        ]
+    )

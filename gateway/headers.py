@@ -1,106 +1,241 @@
-"""Header rules of the proxy (SPEC section 5). Pure.
+"""Header rules of the proxy (SPEC sections 5 and 8), on bytes as they come off the wire. Pure.
 
-Headers are lists of (name, value) string pairs, as they came off the wire,
-so repeated headers (Set-Cookie, X-Forwarded-For) keep their order.
+The data plane feeds each parsed header to a RequestHead or ResponseHead, which
+checks limits and framing rules and sorts it as it arrives: kept headers are
+stored as ready-to-send lines, so building the head for the other side is one
+``b"".join``. Hop-by-hop headers are never stored, so ``Connection:
+X-Forwarded-For`` can only remove the client's copy, never the one the gateway
+adds afterwards.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
-Headers = list[tuple[str, str]]
+MAX_FIELD = 8 * 1024  # one header line
+MAX_TOTAL = 64 * 1024  # all header lines of a message
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-# Headers the gateway itself sets on the way upstream; a client's copy is replaced.
-_SET_UPSTREAM = frozenset({"x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+# Tokens of Connection that name no header to remove.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+# How a request header is handled (a dict lookup per header, nothing else).
+_KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT = range(10)
+_REQUEST_KINDS = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"x-forwarded-proto": _DROP,  # set by the gateway
+    b"x-forwarded-host": _DROP,  # set by the gateway
+    b"x-forwarded-for": _FOR,
+    b"x-request-id": _ID,
+    b"x-forwarded-prefix": _PREFIX,
+    b"expect": _EXPECT,  # answered by the gateway itself
+}
+_RESPONSE_KINDS = {
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"x-request-id": _DROP,  # the gateway returns the request's id
+}
 
 
-def hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """Lower-cased names to drop: the fixed set plus every name Connection lists."""
-    names = set(HOP_BY_HOP)
-    for name, value in headers:
-        if name.lower() == "connection":
-            names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return names
+class HeaderError(ValueError):
+    """A message the gateway refuses; status and code are SPEC's."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
-def sane_request_id(value: str | None) -> bool:
+def sane_request_id(value: bytes | None) -> bool:
     """1 to 200 characters, each in 0x21..0x7E."""
-    return value is not None and 0 < len(value) <= 200 and all("!" <= c <= "~" for c in value)
+    return value is not None and 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
 
 
-def new_request_id() -> str:
-    return os.urandom(16).hex()
+def new_request_id() -> bytes:
+    return os.urandom(16).hex().encode()
 
 
-def request_id_of(headers: Iterable[tuple[str, str]]) -> str:
-    """The client's X-Request-ID if sane, else a new one."""
-    for name, value in headers:
-        if name.lower() == "x-request-id":
-            return value if sane_request_id(value) else new_request_id()
-    return new_request_id()
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")} - _CONNECTION_OPTIONS - {b""}
 
 
-def upstream_request_headers(
-    headers: Iterable[tuple[str, str]],
-    *,
-    client_ip: str,
-    proto: str,
-    request_id: str,
-    host_override: str | None = None,
-    forwarded_prefix: str | None = None,
-) -> Headers:
-    """Headers to send upstream.
+class _Head:
+    __slots__ = ("lines", "content_length", "chunked", "close", "named", "size")
 
-    Hop-by-hop headers go first, so ``Connection: X-Forwarded-For`` can only
-    remove the client's copy, never the one the gateway adds afterwards.
-    """
-    headers = list(headers)
-    drop = hop_by_hop(headers) | _SET_UPSTREAM | {"expect"}
-    if forwarded_prefix is not None:
-        drop.add("x-forwarded-prefix")
-    out: Headers = []
-    forwarded_for: list[str] = []
-    host: str | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "x-forwarded-for":
-            if "x-forwarded-for" not in drop:
-                forwarded_for.append(value)
-        elif lower == "host":
-            host = value
-            out.append((name, host_override if host_override is not None else value))
-        elif lower not in drop:
-            out.append((name, value))
-    if host is None and host_override is not None:
-        out.append(("Host", host_override))
-    forwarded_for.append(client_ip)
-    out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
-    out.append(("X-Forwarded-Proto", proto))
-    if host is not None:
-        out.append(("X-Forwarded-Host", host))
-    out.append(("X-Request-ID", request_id))
-    if forwarded_prefix is not None:
-        out.append(("X-Forwarded-Prefix", forwarded_prefix))
-    return out
+    def __init__(self) -> None:
+        self.lines: list[tuple[bytes, bytes]] = []  # (lower-cased name, "Name: value\r\n")
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.close = False  # Connection: close
+        self.named: set[bytes] | None = None  # headers listed in Connection
+        self.size = 0
+
+    def _size(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 4
+        if size > MAX_FIELD:
+            raise HeaderError(431, "headers_too_large", "a header over the 8 KiB limit")
+        self.size += size
+        if self.size > MAX_TOTAL:
+            raise HeaderError(431, "headers_too_large", "headers over the 64 KiB limit")
+
+    def _connection(self, value: bytes) -> None:
+        tokens = _connection_tokens(value)
+        if b"close" in value.lower():
+            self.close = True
+        if tokens:
+            self.named = tokens if self.named is None else self.named | tokens
+
+    def _coding(self, value: bytes) -> None:
+        # Only a lone, final "chunked" is understood; anything else is refused.
+        if value.strip().lower() != b"chunked" or self.chunked:
+            raise HeaderError(
+                400, "bad_request", "malformed request: unsupported Transfer-Encoding"
+            )
+        self.chunked = True
+
+    def kept_lines(self) -> list[bytes]:
+        named = self.named
+        if named is None:
+            return [line for _, line in self.lines]
+        return [line for lname, line in self.lines if lname not in named]
 
 
-def downstream_response_headers(headers: Iterable[tuple[str, str]], request_id: str) -> Headers:
-    """Headers to send back to the client: hop-by-hop removed, X-Request-ID set."""
-    headers = list(headers)
-    drop = hop_by_hop(headers)
-    drop.add("x-request-id")
-    out = [(name, value) for name, value in headers if name.lower() not in drop]
-    out.append(("X-Request-ID", request_id))
-    return out
+class RequestHead(_Head):
+    """A client request's headers, checked and sorted as the parser reports them."""
+
+    __slots__ = ("host", "forwarded_for", "request_id", "forwarded_prefix", "expect_continue")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host: bytes | None = None
+        self.forwarded_for: list[bytes] = []
+        self.request_id: bytes | None = None
+        self.forwarded_prefix: bytes | None = None
+        self.expect_continue = False
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self._size(name, value)
+        lname = name.lower()
+        kind = _REQUEST_KINDS.get(lname, _KEEP)
+        if kind == _KEEP:
+            self.lines.append((lname, name + b": " + value + b"\r\n"))
+        elif kind == _HOST:
+            if self.host is not None:
+                raise HeaderError(400, "bad_request", "malformed request: two Host headers")
+            self.host = value
+        elif kind == _LENGTH:
+            self.content_length = value  # the parser refuses duplicates and bad values
+        elif kind == _CODING:
+            self._coding(value)
+        elif kind == _CONNECTION:
+            self._connection(value)
+        elif kind == _FOR:
+            self.forwarded_for.append(value)
+        elif kind == _ID:
+            self.request_id = value
+        elif kind == _PREFIX:
+            self.forwarded_prefix = value
+        elif kind == _EXPECT:
+            self.expect_continue = value.strip().lower() == b"100-continue"
+
+    def request_id_or_new(self) -> bytes:
+        """The client's X-Request-ID if sane, else a new one."""
+        value = self.request_id
+        if value is None or (self.named is not None and b"x-request-id" in self.named):
+            return new_request_id()
+        return value if sane_request_id(value) else new_request_id()
+
+    def upstream_head(
+        self,
+        method: bytes,
+        target: bytes,
+        *,
+        client_ip: bytes,
+        request_id: bytes,
+        host_override: bytes | None = None,
+        forwarded_prefix: bytes | None = None,
+    ) -> bytes:
+        """The request head to send upstream: kept headers plus the gateway's own."""
+        named = self.named or ()
+        host = host_override if host_override is not None else self.host
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        if host is not None:
+            parts += (b"Host: ", host, b"\r\n")
+        parts += self.kept_lines()
+        if self.forwarded_for and b"x-forwarded-for" not in named:
+            parts += (b"X-Forwarded-For: ", b", ".join(self.forwarded_for), b", ", client_ip)
+        else:
+            parts += (b"X-Forwarded-For: ", client_ip)
+        parts.append(b"\r\nX-Forwarded-Proto: http\r\n")
+        if self.host is not None:
+            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        parts += (b"X-Request-ID: ", request_id, b"\r\n")
+        if forwarded_prefix is not None:
+            parts += (b"X-Forwarded-Prefix: ", forwarded_prefix, b"\r\n")
+        elif self.forwarded_prefix is not None and b"x-forwarded-prefix" not in named:
+            parts += (b"X-Forwarded-Prefix: ", self.forwarded_prefix, b"\r\n")
+        if self.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length is not None:
+            parts += (b"Content-Length: ", self.content_length, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+class ResponseHead(_Head):
+    """An upstream response's headers, checked and sorted as the parser reports them."""
+
+    __slots__ = ()
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self._size(name, value)
+        lname = name.lower()
+        kind = _RESPONSE_KINDS.get(lname, _KEEP)
+        if kind == _KEEP:
+            self.lines.append((lname, name + b": " + value + b"\r\n"))
+        elif kind == _LENGTH:
+            self.content_length = value
+        elif kind == _CODING:
+            # The parser de-chunks; the gateway frames the body anew for its client.
+            self.chunked = self.chunked or b"chunked" in value.lower()
+        elif kind == _CONNECTION:
+            self._connection(value)
+
+    def client_head(self, status_line: bytes, request_id: bytes, framing: bytes) -> bytes:
+        """The response head for the client; ``framing`` is its Content-Length/TE/Connection."""
+        return b"".join(
+            [
+                status_line,
+                *self.kept_lines(),
+                b"X-Request-ID: ",
+                request_id,
+                b"\r\n",
+                framing,
+                b"\r\n",
+            ]
+        )

@@ -1,25 +1,41 @@
 """Prometheus metrics of SPEC section 6.
 
-Labelled children are looked up once per (route, service) and cached in a
-RouteMetrics object, so a proxied request costs no label resolution beyond one
-small dict lookup for its (method, code) counter.
+The request path only adds to plain integers held by a RouteStats (one per
+configured route) and a ServiceStats (one per service): no lock, no label
+lookup. A collector turns them into metric families when Prometheus scrapes.
+Registry events are rare and use prometheus_client's counters directly.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from registry.models import Instance
 from registry.store import Registry
 
+# The *_created series double the output and nobody reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 INSTANCE_STATES = ("up", "draining", "ejected", "failing")
 UPSTREAM_ERROR_REASONS = ("connect", "timeout", "reset", "protocol")
-# The *_created series double the output and nobody reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BUCKET_LABELS = [repr(b) for b in BUCKETS] + ["+Inf"]
+
+
+def method_label(method: str) -> str:
+    """A bounded label: the standard methods, everything else OTHER."""
+    return method if method in METHODS else "OTHER"
 
 
 def instance_state(instance: Instance) -> str:
@@ -27,11 +43,91 @@ def instance_state(instance: Instance) -> str:
     return instance.health if instance.health != "healthy" else instance.state
 
 
+class ServiceStats:
+    """Per-service numbers the request path moves."""
+
+    __slots__ = ("name", "in_flight", "retries", "errors")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.in_flight = 0
+        self.retries = 0
+        self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+
+
+class RouteStats:
+    """Per-route request counts and latency histogram."""
+
+    __slots__ = ("route", "service", "counts", "buckets", "sum", "count")
+
+    def __init__(self, route: str, service: ServiceStats) -> None:
+        self.route = route
+        self.service = service
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, method: str, status: int, seconds: float) -> None:
+        key = (method, status)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        routes = list(self._metrics.all_routes())
+        services = list(self._metrics.services.values())
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "Proxied requests by route, service, method and status code",
+            labels=["route", "service", "method", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "gateway_request_duration_seconds",
+            "Time from request head received to response complete",
+            labels=["route", "service"],
+        )
+        for stats in routes:
+            labels = [stats.route, stats.service.name]
+            for (method, code), count in sorted(stats.counts.items()):
+                requests.add_metric([*labels, method, str(code)], count)
+            if stats.count:
+                cumulative, running = [], 0
+                for label, count in zip(_BUCKET_LABELS, stats.buckets, strict=True):
+                    running += count
+                    cumulative.append((label, running))
+                duration.add_metric(labels, cumulative, stats.sum)
+        in_flight = GaugeMetricFamily(
+            "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
+        )
+        errors = CounterMetricFamily(
+            "gateway_upstream_errors",
+            "Failed upstream attempts by reason",
+            labels=["service", "reason"],
+        )
+        retries = CounterMetricFamily(
+            "gateway_retries", "Retried upstream attempts", labels=["service"]
+        )
+        for service in services:
+            in_flight.add_metric([service.name], service.in_flight)
+            retries.add_metric([service.name], service.retries)
+            for reason, count in service.errors.items():
+                errors.add_metric([service.name, reason], count)
+        yield from (requests, duration, in_flight, errors, retries)
+
+
 class _RegistryCollector(Collector):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
             "gateway_registry_instances",
             "Registered instances by service and state",
@@ -46,118 +142,50 @@ class _RegistryCollector(Collector):
         yield family
 
 
-class RouteMetrics:
-    """The children of one (route, service) pair; what the request path touches."""
-
-    __slots__ = (
-        "_requests",
-        "_codes",
-        "duration",
-        "in_flight",
-        "retries",
-        "route",
-        "service",
-        "_errors",
-    )
-
-    def __init__(self, metrics: GatewayMetrics, route: str, service: str) -> None:
-        self.route = route
-        self.service = service
-        self._requests = metrics.requests
-        self._codes: dict[tuple[str, int], Counter] = {}
-        self.duration = metrics.duration.labels(route, service)
-        self.in_flight = metrics.in_flight.labels(service)
-        self.retries = metrics.retries.labels(service)
-        self._errors = {
-            r: metrics.upstream_errors.labels(service, r) for r in UPSTREAM_ERROR_REASONS
-        }
-
-    @classmethod
-    def unmatched(cls, metrics: GatewayMetrics) -> RouteMetrics:
-        """For requests that match no route: only requests_total and the duration."""
-        self = cls.__new__(cls)
-        self.route = self.service = "none"
-        self._requests = metrics.requests
-        self._codes = {}
-        self.duration = metrics.duration.labels("none", "none")
-        return self
-
-    def observe(self, method: str, status: int, seconds: float) -> None:
-        key = (method, status)
-        child = self._codes.get(key)
-        if child is None:
-            label = method if method in METHODS else "OTHER"
-            child = self._codes[key] = self._requests.labels(
-                self.route, self.service, label, str(status)
-            )
-        child.inc()
-        self.duration.observe(seconds)
-
-    def upstream_error(self, reason: str) -> None:
-        self._errors[reason].inc()
-
-
 class GatewayMetrics:
     def __init__(self, registry: Registry) -> None:
-        self.collector_registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "gateway_requests_total",
-            "Proxied requests by route, service, method and status code",
-            ["route", "service", "method", "code"],
-            registry=r,
+        self.collector_registry = r = CollectorRegistry(auto_describe=False)
+        self.services: dict[str, ServiceStats] = {}
+        self._routes: dict[tuple[str, str], RouteStats] = {}
+        self.unmatched = RouteStats("none", ServiceStats("none"))
+
+        def counter(name: str, doc: str, label: str = "service") -> Counter:
+            return Counter(name, doc, [label], registry=r)
+
+        self.registrations = counter(
+            "gateway_registry_registrations_total", "Registrations, re-registrations included"
         )
-        self.duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from request received to response complete",
-            ["route", "service"],
-            buckets=_BUCKETS,
-            registry=r,
+        self.deregistrations = counter("gateway_registry_deregistrations_total", "Deregistrations")
+        self.evictions = counter(
+            "gateway_registry_evictions_total", "Instances removed at lease expiry"
         )
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Requests being proxied", ["service"], registry=r
-        )
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors_total",
-            "Failed upstream attempts by reason",
-            ["service", "reason"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "gateway_retries_total", "Retried upstream attempts", ["service"], registry=r
-        )
-        self.registrations = Counter(
-            "gateway_registry_registrations_total",
-            "Registrations, re-registrations included",
-            ["service"],
-            registry=r,
-        )
-        self.deregistrations = Counter(
-            "gateway_registry_deregistrations_total", "Deregistrations", ["service"], registry=r
-        )
-        self.evictions = Counter(
-            "gateway_registry_evictions_total",
-            "Instances removed at lease expiry",
-            ["service"],
-            registry=r,
-        )
-        self.heartbeats = Counter(
-            "gateway_registry_heartbeats_total", "Lease renewals", ["service"], registry=r
-        )
-        self.config_reloads = Counter(
-            "gateway_config_reloads_total", "Config reloads by result", ["result"], registry=r
+        self.heartbeats = counter("gateway_registry_heartbeats_total", "Lease renewals")
+        self.config_reloads = counter(
+            "gateway_config_reloads_total", "Config reloads by result", "result"
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        r.register(_RequestCollector(self))
         r.register(_RegistryCollector(registry))
         registry.subscribe(self._on_registry_event)
-        self._routes: dict[tuple[str, str], RouteMetrics] = {}
 
-    def route(self, route: str, service: str) -> RouteMetrics:
+    def service(self, name: str) -> ServiceStats:
+        found = self.services.get(name)
+        if found is None:
+            found = self.services[name] = ServiceStats(name)
+        return found
+
+    def route(self, route: str, service: str) -> RouteStats:
         key = (route, service)
         found = self._routes.get(key)
         if found is None:
-            found = self._routes[key] = RouteMetrics(self, route, service)
+            found = self._routes[key] = RouteStats(route, self.service(service))
         return found
+
+    def all_routes(self) -> Iterator[RouteStats]:
+        yield from self._routes.values()
+        if self.unmatched.count:
+            yield self.unmatched
 
     def _on_registry_event(self, event: str, service: str, instance: Instance) -> None:
         counter = {

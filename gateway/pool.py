@@ -1,0 +1,257 @@
+"""Upstream connections: one asyncio Protocol each, parsed by llhttp, pooled per instance.
+
+A connection serves one exchange at a time. The exchange that owns it gets the
+parsed response through the ``on_response_*`` methods; the connection never
+decides anything about retries or the client. Idle connections wait in the pool
+(last in, first out) and are closed after ``keepalive`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+if TYPE_CHECKING:
+    from registry.models import Instance
+
+Key = tuple[str, str, int]  # scheme, host, port
+MAX_IDLE_PER_INSTANCE = 512
+
+
+class Owner(Protocol):
+    """What an upstream connection reports to (gateway.exchange.Exchange)."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
+    ) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self) -> None: ...
+    def on_upstream_lost(self, error: str, reason: str) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool",
+        "key",
+        "transport",
+        "owner",
+        "idle_since",
+        "reused",
+        "closed",
+        "_parser",
+        "_status",
+        "_reason",
+        "_headers",
+        "_no_body",
+        "_skip_body",
+        "_feeding",
+        "_release",
+        "_paused",
+    )
+
+    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.owner: Owner | None = None
+        self.idle_since = 0.0
+        self.reused = False  # has served a response before: may be closed by the upstream
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._no_body = False  # the request was HEAD: the response has no body
+        self._skip_body = False  # head of a bodiless response seen; anything more is an error
+        self._feeding = False
+        self._release: bool | None = None  # set while feeding: release after the feed
+        self._paused = False
+
+    # -- used by the exchange ----------------------------------------------------
+
+    def start(self, owner: Owner, head: bytes, no_body: bool) -> None:
+        """Take a request: its head goes out now, its body through ``write``."""
+        self.owner = owner
+        self._no_body = no_body
+        self._skip_body = False
+        self._headers = []
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is done with this connection: back to the pool, or closed."""
+        self.owner = None
+        if self._feeding:
+            self._release = reusable
+            return
+        if reusable and not self.closed:
+            self.reused = True
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.owner = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner is None:
+            self.close()  # an idle connection has nothing to say: it is broken
+            return
+        self._feeding = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            owner = self.owner
+            self.close()
+            if owner is not None:
+                owner.on_upstream_lost(f"malformed response: {exc}", "protocol")
+            return
+        finally:
+            self._feeding = False
+        if self._release is not None:
+            reusable, self._release = self._release, None
+            if self._skip_body:
+                self._parser = httptools.HttpResponseParser(self)  # it still waits for a body
+            self.release(reusable)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.on_upstream_lost(str(exc) if exc else "connection closed", "reset")
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.on_upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.on_upstream_writable(True)
+
+    # -- llhttp callbacks -----------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): wait for the final one
+        owner = self.owner
+        if owner is None:
+            return
+        keep_alive = self._parser.should_keep_alive()
+        if self._no_body:
+            self._skip_body = True
+        owner.on_response_head(status, self._reason, headers, keep_alive)
+        if self._skip_body and self.owner is owner:
+            owner.on_response_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._skip_body:
+            raise httptools.HttpParserError("body after the head of a bodiless response")
+        if self.owner is not None:
+            self.owner.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._skip_body:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return
+        if self.owner is not None:
+            self.owner.on_response_complete()
+
+
+class ConnectionPool:
+    def __init__(self, keepalive: float = 4.0) -> None:
+        self.keepalive = keepalive
+        self._idle: dict[Key, list[UpstreamConnection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def acquire(self, key: Key) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        return None
+
+    def put(self, connection: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= MAX_IDLE_PER_INSTANCE:
+            connection.close()
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        connection.idle_since = loop.time()
+        idle.append(connection)
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    async def connect(self, instance: Instance, timeout: float) -> UpstreamConnection:
+        """A new connection to ``instance``; OSError or TimeoutError when it fails."""
+        loop = self._loop = asyncio.get_running_loop()
+        key = (instance.scheme, instance.host, instance.port)
+        ssl_context = None
+        if instance.scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            ssl_context = self._ssl
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(self, key),
+                instance.host,
+                instance.port,
+                ssl=ssl_context,
+            )
+        return protocol
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than ``keepalive``."""
+        limit = now - self.keepalive
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0].idle_since < limit:
+                idle.pop(0).close()
+            if not idle:
+                del self._idle[key]
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
