@@ -83,6 +83,7 @@ class Exchange:
         "upstream_keep_alive",
         "connecting",
         "last_reason",
+        "authority",
     )
 
     def __init__(
@@ -129,6 +130,7 @@ class Exchange:
         self.upstream_keep_alive = False
         self.connecting = False
         self.last_reason = "connect"
+        self.authority: bytes | None = None  # of an absolute-form target
 
     # -- from the client connection ------------------------------------------------
 
@@ -224,7 +226,7 @@ class Exchange:
             if parsed.host is None:
                 raise HeaderError(400, "bad_path", "request target is not a path")
             raw_path, query = parsed.path or b"/", parsed.query or b""
-            host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            host = self.authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
         if self.http11 and head.host is None:
             raise HeaderError(400, "bad_request", "malformed request: no Host header")
         try:
@@ -296,7 +298,7 @@ class Exchange:
             self.target,
             client_ip=self.client.peer_ip,
             request_id=self.request_id,
-            host_override=None if route.preserve_host else instance.address.encode(),
+            host_override=self._upstream_host(route, instance),
             forwarded_prefix=route.prefix.encode() if route.strip_prefix else None,
         )
         connection.start(self, head, self.no_body)
@@ -309,6 +311,14 @@ class Exchange:
         self.request_sent = self.request_done
         self.deadline = self.proxy.loop.time() + route.timeout
         self.proxy.waiting.add(self)
+
+    def _upstream_host(self, route: RouteConfig, instance: Instance) -> bytes | None:
+        """Host for the upstream; None keeps the client's."""
+        if not route.preserve_host:
+            return instance.address.encode()
+        if self.authority is not None:
+            return self.authority  # an absolute-form target's authority is the Host
+        return None if self.head.host is not None else instance.address.encode()
 
     def _attempt_failed(self, error: str, reason: str) -> None:
         """An attempt failed before any of the response went to the client."""

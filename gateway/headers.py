@@ -80,10 +80,6 @@ def new_request_id() -> bytes:
     return os.urandom(16).hex().encode()
 
 
-def _connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",")} - _CONNECTION_OPTIONS - {b""}
-
-
 class _Head:
     __slots__ = ("lines", "content_length", "chunked", "close", "named", "size")
 
@@ -104,9 +100,10 @@ class _Head:
             raise HeaderError(431, "headers_too_large", "headers over the 64 KiB limit")
 
     def _connection(self, value: bytes) -> None:
-        tokens = _connection_tokens(value)
-        if b"close" in value.lower():
+        tokens = {t.strip().lower() for t in value.split(b",")}
+        if b"close" in tokens:
             self.close = True
+        tokens -= _CONNECTION_OPTIONS | {b""}
         if tokens:
             self.named = tokens if self.named is None else self.named | tokens
 
@@ -155,7 +152,8 @@ class RequestHead(_Head):
         elif kind == _CONNECTION:
             self._connection(value)
         elif kind == _FOR:
-            self.forwarded_for.append(value)
+            if value.strip():
+                self.forwarded_for.append(value.strip())
         elif kind == _ID:
             self.request_id = value
         elif kind == _PREFIX:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from registry.client import AdminClient, AdminError, AdminUnreachable
+from registry.models import format_address
 from registry.sidecar import (
     Sidecar,
     format_services,
@@ -25,7 +26,6 @@ from registry.sidecar import (
     run_sidecar,
     signals_as_keyboard_interrupt,
 )
-from registry.models import format_address
 
 Answer = tuple[int, Any]  # (status, JSON value | raw bytes | None for no body)
 

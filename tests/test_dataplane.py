@@ -1,0 +1,339 @@
+"""HTTP/1.1 connection behaviour of the data plane: keep-alive, pipelining, framing,
+pooled upstream connections and backpressure, seen over raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+ROUTES = """
+routes:
+  - prefix: /
+    service: web
+"""
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawUpstream:
+    """A hand-written upstream: counts connections, answers with a script."""
+
+    def __init__(self, answer: Callable[[bytes, bytes], bytes]) -> None:
+        self.answer = answer  # (method, path) -> whole response bytes
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path = head.split(b" ")[:2]
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                self.requests.append((method, path))
+                writer.write(self.answer(method, path))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream():
+    started: list[RawUpstream] = []
+
+    async def start(answer: Callable[[bytes, bytes], bytes]) -> tuple[RawUpstream, int]:
+        upstream = RawUpstream(answer)
+        started.append(upstream)
+        return upstream, await upstream.start()
+
+    yield start
+    for upstream in started:
+        await upstream.stop()
+
+
+async def _register(gw, port: int) -> None:
+    url = f"{gw.admin_url}/registry/services/web/instances"
+    async with gw.session.post(url, json={"host": "127.0.0.1", "port": port}) as response:
+        assert response.status == 201
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response with a Content-Length or chunked body: (head, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lower = head.lower()
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                return head, body
+            body += chunk[:-2]
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    if head.startswith(b"HTTP/1.1 204") or head.startswith(b"HTTP/1.1 304"):
+        length = 0
+    return head, await reader.readexactly(length) if length else b""
+
+
+def _ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (len(body), extra, body)
+
+
+async def test_pipelined_requests_are_answered_in_order(gateway_factory, raw_upstream):
+    gw = await gateway_factory(ROUTES)
+    _, port = await raw_upstream(lambda method, path: _ok(path))
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)))
+    bodies = [(await _read_response(reader))[1] for _ in range(5)]
+    writer.close()
+    await writer.wait_closed()
+    assert bodies == [b"/%d" % i for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("request_line", "answer"),
+    [
+        (b"HEAD /h HTTP/1.1", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
+        (b"GET /n HTTP/1.1", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n"),
+        (b"GET /e HTTP/1.1", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ],
+    ids=["head", "304", "204"],
+)
+async def test_bodiless_responses_never_poison_the_pooled_connection(
+    gateway_factory, raw_upstream, request_line, answer
+):
+    gw = await gateway_factory(ROUTES)
+
+    def respond(method: bytes, path: bytes) -> bytes:
+        return _ok(b"second") if path == b"/after" else answer
+
+    upstream, port = await raw_upstream(respond)
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(request_line + b"\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.split(b" ")[1] == answer.split(b" ")[1]
+    writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = await _read_response(reader)
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 200") and body == b"second"
+    assert upstream.connections == 1  # the same pooled connection served both
+
+
+async def test_chunked_response_is_chunked_to_http11_and_read_to_close_by_http10(
+    gateway_factory, raw_upstream
+):
+    gw = await gateway_factory(ROUTES)
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    _, port = await raw_upstream(lambda method, path: chunked)
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = await _read_response(reader)
+    assert b"transfer-encoding: chunked" in head.lower() and body == b"abcde"
+    writer.close()
+    await writer.wait_closed()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET /c HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)  # the gateway closes when done
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"abcde"
+
+
+async def test_connection_close_is_honoured(gateway_factory, raw_upstream):
+    gw = await gateway_factory(ROUTES)
+    _, port = await raw_upstream(lambda method, path: _ok(b"hi"))
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nhi")
+    assert b"connection: close" in data.lower()
+
+
+async def test_http10_keep_alive_is_honoured(gateway_factory, raw_upstream):
+    gw = await gateway_factory(ROUTES)
+    _, port = await raw_upstream(lambda method, path: _ok(path))
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    for path in (b"/a", b"/b"):
+        writer.write(b"GET %b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" % path)
+        head, body = await _read_response(reader)
+        assert b"connection: keep-alive" in head.lower() and body == path
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_unfinished_upstream_response_is_not_pooled(gateway_factory, raw_upstream):
+    gw = await gateway_factory(ROUTES)
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", _ok(b"fine")])
+
+    async def respond_then_close(reader, writer):
+        upstream.connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(next(answers))
+        await writer.drain()
+        try:
+            await reader.readuntil(b"\r\n\r\n")  # a second request on this connection?
+            upstream.requests.append((b"reused", b""))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    upstream = RawUpstream(lambda m, p: b"")
+    server = await asyncio.start_server(respond_then_close, "127.0.0.1", 0)
+    try:
+        await _register(gw, server.sockets[0].getsockname()[1])
+        for expected in (b"short", b"fine"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if expected == b"short":
+                await asyncio.wait_for(reader.readuntil(b"short"), 5)
+                writer.close()  # the client goes away mid-body
+                await writer.wait_closed()
+                continue
+            head, body = await _read_response(reader)
+            writer.close()
+            await writer.wait_closed()
+            assert body == b"fine"
+        assert upstream.connections == 2
+        assert upstream.requests == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _wait_until_stable(read: Callable[[], int]) -> int:
+    """The value once it stopped growing for a while (a writer blocked on backpressure)."""
+    last, still = -1, 0
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        value = read()
+        still = still + 1 if value == last else 0
+        if still >= 10:
+            return value
+        last = value
+    return read()
+
+
+async def test_slow_client_pauses_the_upstream_read(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    size = 256 * 1024 * 1024
+    written = 0
+
+    async def firehose(reader, writer):
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"x" * (1 << 20)
+        try:
+            while written < size:
+                writer.write(block)
+                written += len(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(firehose, "127.0.0.1", 0)
+    try:
+        await _register(gw, server.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.gateway.proxy_port, limit=1 << 16
+        )
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        stalled_at = await _wait_until_stable(lambda: written)
+        # Socket buffers hold some megabytes; without backpressure it would be all 256.
+        assert stalled_at < 64 * 1024 * 1024
+        received = 0
+        while received < size:
+            chunk = await reader.read(1 << 20)
+            assert chunk
+            received += len(chunk)
+        assert received == size
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_slow_upstream_pauses_the_client_read(gateway_factory):
+    gw = await gateway_factory(ROUTES)
+    size = 256 * 1024 * 1024
+    go = asyncio.Event()
+    got = 0
+
+    async def sluggish(reader, writer):
+        nonlocal got
+        await reader.readuntil(b"\r\n\r\n")
+        await go.wait()
+        while got < size:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(sluggish, "127.0.0.1", 0)
+    try:
+        await _register(gw, server.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        block = b"y" * (1 << 20)
+
+        async def upload() -> None:
+            nonlocal sent
+            while sent < size:
+                writer.write(block)
+                sent += len(block)
+                await writer.drain()
+
+        uploading = asyncio.create_task(upload())
+        stalled_at = await _wait_until_stable(lambda: sent)
+        assert stalled_at < 64 * 1024 * 1024
+        go.set()
+        await uploading
+        head, body = await _read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ok"
+        assert got == size
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
