@@ -5,22 +5,21 @@ connection reports the request (head, body chunks, end), the upstream
 connection reports the response, the listener's ticker reports timeouts. Each
 callback moves the exchange along and returns; the only coroutine is the one
 that opens a new upstream connection.
+
+This is the hot path: state that most requests never change lives in class
+attributes (an instance only stores what differs), and the common case does
+no more calls than it must.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from http import HTTPStatus
 from typing import TYPE_CHECKING
-
-import httptools
 
 from gateway.errors import error_bytes
 from gateway.headers import HeaderError, RequestHead, ResponseHead
 from gateway.metrics import RouteStats, ServiceStats
 from gateway.pool import UpstreamConnection
-from gateway.routing import BadPath, host_name, normalize_path
 
 if TYPE_CHECKING:
     from gateway.config import RouteConfig
@@ -34,57 +33,32 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 CLIENT_CLOSED = 499  # the client went away; nginx logs this as 499
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_LIMIT = 256 * 1024  # request body held before an upstream takes it
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
-
-def status_line(status: int, reason: bytes) -> bytes:
-    key = (status, reason)
-    line = _STATUS_LINES.get(key)
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b""))
-        if len(_STATUS_LINES) < 1024:
-            _STATUS_LINES[key] = line
-    return line
+_CLOSE_AFTER = frozenset({400, 405, 413, 414, 431})
 
 
 class Exchange:
-    __slots__ = (
-        "proxy",
-        "client",
-        "head",
-        "method",
-        "method_label",
-        "url",
-        "http11",
-        "keep_alive",
-        "started",
-        "request_id",
-        "route",
-        "target",
-        "stats",
-        "service",
-        "instance",
-        "tried",
-        "upstream",
-        "buffer",
-        "buffered",
-        "request_done",
-        "request_sent",
-        "has_body",
-        "response_started",
-        "response_done",
-        "status",
-        "deadline",
-        "client_chunked",
-        "eof_body",
-        "no_body",
-        "done",
-        "upstream_keep_alive",
-        "connecting",
-        "last_reason",
-        "authority",
-    )
+    # Defaults that most requests keep (class attributes: nothing to store).
+    route: RouteConfig | None = None
+    target = b""
+    service: ServiceStats | None = None
+    instance: Instance | None = None
+    tried: list[str] | None = None
+    upstream: UpstreamConnection | None = None
+    buffer: list[bytes] | None = None  # body read before an upstream took the request
+    buffered = 0  # body bytes seen, for max_body
+    request_done = False  # the client's request message is complete
+    request_sent = False  # ...and all of it went to the upstream
+    response_started = False
+    response_done = False
+    pending: bytes | None = None  # response head not yet written (joins the first body bytes)
+    status = 0
+    deadline = 0.0
+    client_chunked = False
+    eof_body = False  # the response body ends when the upstream closes
+    done = False
+    upstream_keep_alive = False
+    last_reason = "connect"
+    authority: bytes | None = None  # of an absolute-form target
 
     def __init__(
         self,
@@ -95,61 +69,37 @@ class Exchange:
         url: bytes,
         http11: bool,
         keep_alive: bool,
-        started: float,
     ) -> None:
         self.proxy = proxy
         self.client = client
         self.head = head
         self.method = method
-        self.method_label = proxy.method_label(method)
         self.url = url
         self.http11 = http11
         self.keep_alive = keep_alive
-        self.started = started
+        self.started = proxy.loop.time()
         self.request_id = head.request_id_or_new()
-        self.route: RouteConfig | None = None
-        self.target = b""
         self.stats: RouteStats = proxy.metrics.unmatched
-        self.service: ServiceStats | None = None
-        self.instance: Instance | None = None
-        self.tried: list[str] = []
-        self.upstream: UpstreamConnection | None = None
-        self.buffer: list[bytes] | None = []  # body read before an upstream took the request
-        self.buffered = 0
-        self.request_done = False  # the client's request message is complete
-        self.request_sent = False  # ...and all of it went to the upstream
         self.has_body = head.chunked or (head.content_length not in (None, b"0"))
-        self.response_started = False
-        self.response_done = False
-        self.status = 0
-        self.deadline = 0.0
-        self.client_chunked = False
-        self.eof_body = False
         self.no_body = method == b"HEAD"
-        self.done = False
-        self.upstream_keep_alive = False
-        self.connecting = False
-        self.last_reason = "connect"
-        self.authority: bytes | None = None  # of an absolute-form target
 
     # -- from the client connection ------------------------------------------------
 
     def start(self) -> None:
         """The request head is in: route it and send it to an instance."""
         try:
-            route, target = self._resolve()
+            route, self.target = self._resolve()
         except HeaderError as error:
             self.fail(error.status, error.code, error.message)
             return
         self.route = route
-        self.target = target
-        self.stats = self.proxy.metrics.route(route.prefix, route.service)
-        self.service = self.stats.service
-        self.service.in_flight += 1
+        self.stats = stats = self.proxy.metrics.route(route.prefix, route.service)
+        self.service = service = stats.service
+        service.in_flight += 1
         self._attempt()
 
     def client_body(self, data: bytes) -> None:
-        if self.done or (self.buffer is None and self.upstream is None):
+        if self.done:
             return  # answered already (an error): the rest of the body is dropped
         route = self.route
         if route is not None and route.max_body is not None:
@@ -159,21 +109,27 @@ class Exchange:
                 return
         if self.head.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
-        if self.buffer is not None:
-            self.buffer.append(data)
-            if sum(map(len, self.buffer)) > _BUFFER_LIMIT:
-                self.client.pause("buffer")
-        elif self.upstream is not None:
-            self.upstream.write(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+            return
+        if self.buffer is None:
+            self.buffer = []
+        self.buffer.append(data)
+        if sum(map(len, self.buffer)) > _BUFFER_LIMIT:
+            self.client.pause("buffer")
 
     def client_done(self) -> None:
         self.request_done = True
+        upstream = self.upstream
         if self.head.chunked:
-            if self.buffer is not None:
+            if upstream is not None:
+                upstream.write(b"0\r\n\r\n")
+            elif not self.done:
+                if self.buffer is None:
+                    self.buffer = []
                 self.buffer.append(b"0\r\n\r\n")
-            elif self.upstream is not None:
-                self.upstream.write(b"0\r\n\r\n")
-        if self.buffer is None:
+        if upstream is not None:
             self.request_sent = True
         if self.response_done:
             self._finish()
@@ -215,44 +171,30 @@ class Exchange:
         method, url, head = self.method, self.url, self.head
         if method == b"CONNECT":
             raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
+        if self.http11 and head.host is None:
+            raise HeaderError(400, "bad_request", "malformed request: no Host header")
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
             host = head.host
         else:
-            try:
-                parsed = httptools.parse_url(url)  # absolute-form: route by its path
-            except httptools.HttpParserInvalidURLError:
-                raise HeaderError(400, "bad_path", "request target is not a path") from None
-            if parsed.host is None:
-                raise HeaderError(400, "bad_path", "request target is not a path")
-            raw_path, query = parsed.path or b"/", parsed.query or b""
-            host = self.authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        if self.http11 and head.host is None:
-            raise HeaderError(400, "bad_request", "malformed request: no Host header")
-        try:
-            path = normalize_path(raw_path.decode("latin-1"))
-        except BadPath as exc:
-            raise HeaderError(400, "bad_path", str(exc)) from None
-        match = self.proxy.table.match(host_name(host.decode("latin-1") if host else None), path)
-        if match is None:
-            raise HeaderError(404, "no_route", f"no route for {path}")
-        route: RouteConfig = match.route  # type: ignore[assignment]
+            raw_path, query, host = self.proxy.absolute_form(url)
+            self.authority = host
+        route, target = self.proxy.resolve(host, raw_path)
         length = head.content_length
         if route.max_body is not None and length is not None and int(length) > route.max_body:
             raise HeaderError(
                 413, "payload_too_large", f"body over {route.max_body} bytes for this route"
             )
-        target = match.upstream_path.encode("latin-1")
-        if query:
-            target += b"?" + query
-        return route, target
+        return route, target + b"?" + query if query else target
 
     def _attempt(self) -> None:
         route = self.route
         assert route is not None and self.service is not None
-        instance = self.proxy.registry.pick(route.service, self.tried)
+        proxy = self.proxy
+        tried = self.tried
+        instance = proxy.registry.pick(route.service, tried or ())
         if instance is None:
-            if not self.tried:
+            if tried is None:
                 self.fail(
                     503,
                     "no_healthy_instance",
@@ -262,63 +204,64 @@ class Exchange:
             else:
                 self._give_up(self.last_reason)
             return
-        if self.tried:
+        if tried is None:
+            self.tried = [instance.id]
+        else:
             self.service.retries += 1
-        self.tried.append(instance.id)
+            tried.append(instance.id)
         self.instance = instance
-        self.proxy.registry.request_started(instance)
-        key = (instance.scheme, instance.host, instance.port)
-        connection = self.proxy.pool.acquire(key)
+        proxy.registry.request_started(instance)
+        connection = proxy.pool.acquire((instance.scheme, instance.host, instance.port))
         if connection is not None:
             self._send(connection)
         else:
-            self.connecting = True
-            asyncio.get_running_loop().create_task(self._connect(instance, route))
+            proxy.loop.create_task(self._connect(instance, route))
 
     async def _connect(self, instance: Instance, route: RouteConfig) -> None:
         try:
             connection = await self.proxy.pool.connect(instance, route.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            self.connecting = False
             if not self.done:
                 self._attempt_failed(f"connect failed: {exc or 'timed out'}", "connect")
             return
-        self.connecting = False
         if self.done or self.instance is not instance:
             connection.release(True)  # a fresh connection nobody needs now: keep it
             return
         self._send(connection)
 
     def _send(self, connection: UpstreamConnection) -> None:
-        route, instance = self.route, self.instance
+        route, instance, head = self.route, self.instance, self.head
         assert route is not None and instance is not None
         self.upstream = connection
-        head = self.head.upstream_head(
-            self.method,
-            self.target,
-            client_ip=self.client.peer_ip,
-            request_id=self.request_id,
-            host_override=self._upstream_host(route, instance),
-            forwarded_prefix=route.prefix.encode() if route.strip_prefix else None,
+        if route.preserve_host and self.authority is None and head.host is not None:
+            host = None  # the client's Host goes through
+        elif route.preserve_host and self.authority is not None:
+            host = self.authority  # an absolute-form target's authority is the Host
+        else:
+            host = instance.address.encode()
+        connection.start(
+            self,
+            head.upstream_head(
+                self.method,
+                self.target,
+                client_ip=self.client.peer_ip,
+                request_id=self.request_id,
+                host_override=host,
+                forwarded_prefix=route.prefix.encode() if route.strip_prefix else None,
+            ),
+            self.no_body,
         )
-        connection.start(self, head, self.no_body)
-        if self.head.expect_continue and not self.request_done and self.http11:
+        if head.expect_continue and not self.request_done and self.http11:
             self.client.write(_CONTINUE)
-        buffer, self.buffer = self.buffer, None
-        if buffer:
+        buffer = self.buffer
+        if buffer is not None:
+            self.buffer = None
             connection.write(b"".join(buffer))
             self.client.resume("buffer")
         self.request_sent = self.request_done
-        self.deadline = self.proxy.loop.time() + route.timeout
-        self.proxy.waiting.add(self)
-
-    def _upstream_host(self, route: RouteConfig, instance: Instance) -> bytes | None:
-        """Host for the upstream; None keeps the client's."""
-        if not route.preserve_host:
-            return instance.address.encode()
-        if self.authority is not None:
-            return self.authority  # an absolute-form target's authority is the Host
-        return None if self.head.host is not None else instance.address.encode()
+        proxy = self.proxy
+        self.deadline = proxy.loop.time() + route.timeout
+        proxy.waiting.add(self)
 
     def _attempt_failed(self, error: str, reason: str) -> None:
         """An attempt failed before any of the response went to the client."""
@@ -342,9 +285,7 @@ class Exchange:
         again = reason == "connect" or (
             reason != "timeout" and self.method in IDEMPOTENT and not self.has_body
         )
-        if again and len(self.tried) <= self.route.retries:
-            if self.buffer is None:
-                self.buffer = []
+        if again and len(self.tried or ()) <= self.route.retries:
             self._attempt()
         else:
             self._give_up(reason)
@@ -366,9 +307,10 @@ class Exchange:
             )
 
     def _end_attempt(self) -> None:
-        self.proxy.waiting.discard(self)
-        instance, self.instance = self.instance, None
+        instance = self.instance
         if instance is not None:
+            self.instance = None
+            self.proxy.waiting.discard(self)
             self.proxy.registry.request_finished(instance)
 
     def _too_large(self, route: RouteConfig) -> None:
@@ -380,31 +322,23 @@ class Exchange:
 
     # -- from the upstream connection ------------------------------------------------------
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
-    ) -> None:
+    def on_response_head(self, status: int, raw: bytes, keep_alive: bool) -> None:
         self.proxy.waiting.discard(self)
-        response = ResponseHead()
         try:
-            for name, value in headers:
-                response.add(name, value)
-        except HeaderError:
-            self.on_upstream_lost("response headers over the limit", "protocol")
+            response = ResponseHead(raw)
+        except HeaderError as error:
+            self.on_upstream_lost(error.message, "protocol")
             return
         self.status = status
         self.upstream_keep_alive = keep_alive and not response.close
-        no_body = self.no_body or status in (204, 304)
-        if no_body:
-            framing = b""
-            if response.content_length is not None:
-                framing = b"Content-Length: " + response.content_length + b"\r\n"
-        elif response.content_length is not None and not response.chunked:
-            framing = b"Content-Length: " + response.content_length + b"\r\n"
+        no_body = self.no_body or status == 204 or status == 304
+        framing = b""
+        if no_body or (response.content_length is not None and not response.chunked):
+            pass  # Content-Length, if any, is among the kept lines
         elif self.http11:
             self.client_chunked = True
             framing = b"Transfer-Encoding: chunked\r\n"
         else:
-            framing = b""
             self.keep_alive = False  # an HTTP/1.0 client reads to the close
         self.eof_body = not no_body and response.content_length is None and not response.chunked
         if self.client.closing:
@@ -414,22 +348,29 @@ class Exchange:
         elif not self.http11:
             framing += b"Connection: keep-alive\r\n"
         self.response_started = True
-        self.client.write(
-            response.client_head(status_line(status, reason), self.request_id, framing)
-        )
+        # Held back one step: it goes out with the first body bytes, in one write.
+        self.pending = response.client_head(self.request_id, framing)
 
     def on_response_body(self, data: bytes) -> None:
         if self.client_chunked:
-            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.client.write(data)
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            data = pending + data
+        self.client.write(data)
 
     def on_response_complete(self) -> None:
-        if self.client_chunked:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.client.write(pending + b"0\r\n\r\n" if self.client_chunked else pending)
+        elif self.client_chunked:
             self.client.write(b"0\r\n\r\n")
         self.response_done = True
-        upstream, self.upstream = self.upstream, None
+        upstream = self.upstream
         if upstream is not None:
+            self.upstream = None
             upstream.release(self.upstream_keep_alive and self.request_sent)
         self._end_attempt()
         if not self.request_done:
@@ -450,8 +391,11 @@ class Exchange:
             # never a short one finished cleanly.
             assert self.service is not None
             self.service.errors[reason] += 1
-            log.warning("upstream %s failed mid-body: %s", self.tried[-1], error)
+            log.warning("upstream %s failed mid-body: %s", (self.tried or ["-"])[-1], error)
             self._end_attempt()
+            if self.pending is not None:
+                self.client.write(self.pending)
+                self.pending = None
             self.client.abort()
             self._complete(self.status)
             return
@@ -479,7 +423,7 @@ class Exchange:
             return
         self.status = status
         self.buffer = None
-        if not self.request_done or status in (400, 405, 413, 431):
+        if (self.has_body and not self.request_done) or status in _CLOSE_AFTER:
             self.keep_alive = False  # the rest of the request is not worth reading
         self.client.write(
             error_bytes(
@@ -507,4 +451,6 @@ class Exchange:
         self._end_attempt()
         if self.service is not None:
             self.service.in_flight -= 1
-        self.stats.observe(self.method_label, status, self.proxy.loop.time() - self.started)
+        self.stats.observe(
+            self.proxy.method_label(self.method), status, self.proxy.loop.time() - self.started
+        )

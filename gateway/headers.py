@@ -10,7 +10,9 @@ adds afterwards.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 
 MAX_FIELD = 8 * 1024  # one header line
 MAX_TOTAL = 64 * 1024  # all header lines of a message
@@ -48,17 +50,6 @@ _REQUEST_KINDS = {
     b"x-forwarded-prefix": _PREFIX,
     b"expect": _EXPECT,  # answered by the gateway itself
 }
-_RESPONSE_KINDS = {
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _CODING,
-    b"connection": _CONNECTION,
-    b"keep-alive": _DROP,
-    b"proxy-connection": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"upgrade": _DROP,
-    b"x-request-id": _DROP,  # the gateway returns the request's id
-}
 
 
 class HeaderError(ValueError):
@@ -76,8 +67,13 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> bytes:
-    return os.urandom(16).hex().encode()
+    """Unique per process and across processes: a random prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}".encode()
 
 
 class _Head:
@@ -205,35 +201,70 @@ class RequestHead(_Head):
         return b"".join(parts)
 
 
-class ResponseHead(_Head):
-    """An upstream response's headers, checked and sorted as the parser reports them."""
+# Response header lines the gateway takes out (and reads) before passing the head on.
+# Response header lines the gateway takes out (and reads) before passing the head on.
+# Groups: 1 Content-Length (kept), 2 Transfer-Encoding, 3 Connection, 4 the value.
+_RESPONSE_SPECIAL = re.compile(
+    rb"^(?:(content-length)|(transfer-encoding)|(connection)|keep-alive|proxy-connection|te"
+    rb"|trailer|upgrade|x-request-id)[ \t]*:[ \t]*([^\r\n]*)\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
 
-    __slots__ = ()
 
-    def add(self, name: bytes, value: bytes) -> None:
-        self._size(name, value)
-        lname = name.lower()
-        kind = _RESPONSE_KINDS.get(lname, _KEEP)
-        if kind == _KEEP:
-            self.lines.append((lname, name + b": " + value + b"\r\n"))
-        elif kind == _LENGTH:
-            self.content_length = value
-        elif kind == _CODING:
-            # The parser de-chunks; the gateway frames the body anew for its client.
-            self.chunked = self.chunked or b"chunked" in value.lower()
-        elif kind == _CONNECTION:
-            self._connection(value)
+class ResponseHead:
+    """An upstream response head, rewritten for the client in one pass over its raw bytes.
 
-    def client_head(self, status_line: bytes, request_id: bytes, framing: bytes) -> bytes:
-        """The response head for the client; ``framing`` is its Content-Length/TE/Connection."""
+    ``raw`` is what llhttp already checked: the status line and header lines, each
+    ending in CRLF (the blank line excluded). Hop-by-hop headers, the ones Connection
+    names and the upstream's X-Request-ID are removed; Content-Length is kept.
+    """
+
+    __slots__ = ("status_line", "lines", "content_length", "chunked", "close")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) > MAX_TOTAL:
+            raise HeaderError(502, "upstream_protocol_error", "response headers over 64 KiB")
+        end = raw.index(b"\r\n") + 2
+        status_line = raw[:end]
+        if not status_line.startswith(b"HTTP/1.1 "):
+            status_line = b"HTTP/1.1 " + status_line.partition(b" ")[2]
+        self.status_line = status_line
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.close = False
+        kept: list[bytes] = []
+        named: set[bytes] = set()
+        position = end
+        for match in _RESPONSE_SPECIAL.finditer(raw, end):
+            group = match.group
+            if group(1) is not None:
+                self.content_length = group(4)
+                continue
+            kept.append(raw[position : match.start()])
+            position = match.end()
+            if group(2) is not None:
+                # llhttp de-chunks; the gateway frames the body anew for its client.
+                self.chunked = self.chunked or b"chunked" in group(4).lower()
+            elif group(3) is not None:
+                value = group(4).lower()
+                if value == b"close":
+                    self.close = True
+                elif value != b"keep-alive":
+                    tokens = {t.strip() for t in value.split(b",")}
+                    self.close = self.close or b"close" in tokens
+                    named |= tokens - _CONNECTION_OPTIONS - {b""}
+        kept.append(raw[position:])
+        lines = b"".join(kept)
+        if named:
+            lines = b"".join(
+                line + b"\r\n"
+                for line in lines.split(b"\r\n")[:-1]
+                if line.partition(b":")[0].strip().lower() not in named
+            )
+        self.lines = lines
+
+    def client_head(self, request_id: bytes, framing: bytes) -> bytes:
+        """The response head for the client; ``framing`` is its Transfer-Encoding/Connection."""
         return b"".join(
-            [
-                status_line,
-                *self.kept_lines(),
-                b"X-Request-ID: ",
-                request_id,
-                b"\r\n",
-                framing,
-                b"\r\n",
-            ]
+            (self.status_line, self.lines, b"X-Request-ID: ", request_id, b"\r\n", framing, b"\r\n")
         )

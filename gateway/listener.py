@@ -142,7 +142,6 @@ class ClientConnection(asyncio.Protocol):
             b"".join(self.url),
             parser.get_http_version() == "1.1",
             parser.should_keep_alive() and not self.closing,
-            self.proxy.loop.time(),
         )
         self.head = None
         self.deadline = None

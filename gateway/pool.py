@@ -24,9 +24,7 @@ MAX_IDLE_PER_INSTANCE = 512
 class Owner(Protocol):
     """What an upstream connection reports to (gateway.exchange.Exchange)."""
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool
-    ) -> None: ...
+    def on_response_head(self, status: int, raw: bytes, keep_alive: bool) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_lost(self, error: str, reason: str) -> None: ...
@@ -43,9 +41,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "closed",
         "_parser",
-        "_status",
-        "_reason",
-        "_headers",
+        "_head",
         "_no_body",
         "_skip_body",
         "_feeding",
@@ -62,8 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False  # has served a response before: may be closed by the upstream
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        self._head: bytes | None = None  # raw bytes received while the head is incomplete
         self._no_body = False  # the request was HEAD: the response has no body
         self._skip_body = False  # head of a bodiless response seen; anything more is an error
         self._feeding = False
@@ -77,7 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self._no_body = no_body
         self._skip_body = False
-        self._headers = []
+        self._head = b""
         assert self.transport is not None
         self.transport.write(head)
 
@@ -123,6 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is None:
             self.close()  # an idle connection has nothing to say: it is broken
             return
+        if self._head is not None:
+            self._head += data
         self._feeding = True
         try:
             self._parser.feed_data(data)
@@ -157,24 +154,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks -----------------------------------------------------------
 
-    def on_status(self, status: bytes) -> None:
-        self._reason = status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
+        raw = self._head or b""
+        end = raw.find(b"\r\n\r\n")
         status = self._parser.get_status_code()
-        headers, self._headers = self._headers, []
         if 100 <= status < 200 and status != 101:
-            return  # an interim answer (100 Continue, 103 Early Hints): wait for the final one
+            # An interim answer (100 Continue, 103 Early Hints): wait for the final one.
+            self._head = raw[end + 4 :]
+            return
+        self._head = None
         owner = self.owner
         if owner is None:
             return
-        keep_alive = self._parser.should_keep_alive()
         if self._no_body:
             self._skip_body = True
-        owner.on_response_head(status, self._reason, headers, keep_alive)
+        owner.on_response_head(status, raw[: end + 2], self._parser.should_keep_alive())
         if self._skip_body and self.owner is owner:
             owner.on_response_complete()
 

@@ -1,29 +1,82 @@
-"""What every exchange of the data plane shares: the routing table, the registry,
-metrics, the upstream pool, and the set of exchanges waiting for a response head."""
+"""What every exchange of the data plane shares: the routing table (and a cache of
+its answers), the registry, metrics, the upstream pool, and the exchanges waiting
+for a response head."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
 
+import httptools
+
+from gateway.headers import HeaderError
 from gateway.metrics import GatewayMetrics, method_label
 from gateway.pool import ConnectionPool
-from gateway.routing import RouteTable
+from gateway.routing import BadPath, RouteTable, host_name, normalize_path
 from registry.store import Registry
 
 if TYPE_CHECKING:
+    from gateway.config import RouteConfig
     from gateway.exchange import Exchange
+
+ROUTE_CACHE_SIZE = 4096
 
 
 class Proxy:
     def __init__(self, table: RouteTable, registry: Registry, metrics: GatewayMetrics) -> None:
-        self.table = table  # swapped whole on reload; an exchange reads it once
         self.registry = registry
         self.metrics = metrics
         self.pool = ConnectionPool()
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
+        self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes]] = {}
+        self.table = table
+
+    @property
+    def table(self) -> RouteTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: RouteTable) -> None:
+        """Swap the whole table (reload); requests in flight keep the route they have."""
+        self._table = table
+        self._routes = {}
+
+    def resolve(self, host: bytes | None, raw_path: bytes) -> tuple[RouteConfig, bytes]:
+        """The route for a Host and raw path, and the path to send upstream.
+
+        Answers are cached per (Host, path): most traffic repeats a few paths.
+        """
+        key = (host, raw_path)
+        found = self._routes.get(key)
+        if found is not None:
+            return found
+        try:
+            path = normalize_path(raw_path.decode("latin-1"))
+        except BadPath as exc:
+            raise HeaderError(400, "bad_path", str(exc)) from None
+        match = self._table.match(host_name(host.decode("latin-1") if host else None), path)
+        if match is None:
+            raise HeaderError(404, "no_route", f"no route for {path}")
+        route: RouteConfig = match.route  # type: ignore[assignment]
+        found = (route, match.upstream_path.encode("latin-1"))
+        if len(self._routes) >= ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[key] = found
+        return found
+
+    @staticmethod
+    def absolute_form(url: bytes) -> tuple[bytes, bytes, bytes]:
+        """(path, query, authority) of an absolute-form target like http://host/path?q."""
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            raise HeaderError(400, "bad_path", "request target is not a path") from None
+        if parsed.host is None:
+            raise HeaderError(400, "bad_path", "request target is not a path")
+        authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        return parsed.path or b"/", parsed.query or b"", authority
 
     def method_label(self, method: bytes) -> str:
         label = self._method_labels.get(method)

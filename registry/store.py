@@ -7,6 +7,7 @@ absolute expiry across a restart and tests move time by hand. The I/O shell
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -41,13 +42,37 @@ class UnknownInstance(LookupError):
 
 
 class _Service:
-    __slots__ = ("name", "instances", "index", "balancer")
+    __slots__ = (
+        "name",
+        "instances",
+        "index",
+        "balancer",
+        "routable",
+        "valid_until",
+        "uniform",
+        "turn",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.instances: dict[str, Instance] = {}
         self.index = 0
         self.balancer = SmoothWeightedRoundRobin()
+        # What pick() chooses from, kept until a change or the earliest lease end in it.
+        self.routable: list[Instance] | None = None
+        self.valid_until = 0.0
+        self.uniform = True  # all weights equal: plain rotation gives the same order
+        self.turn = 0
+
+    def routable_at(self, now: float) -> list[Instance]:
+        routable = self.routable
+        if routable is None or now >= self.valid_until:
+            routable = self.routable = [i for i in self.instances.values() if i.routable(now)]
+            self.valid_until = min(
+                (i.expires_at for i in routable if i.expires_at is not None), default=math.inf
+            )
+            self.uniform = len({i.weight for i in routable}) <= 1
+        return routable
 
 
 class Registry:
@@ -77,6 +102,7 @@ class Registry:
     def _changed(self, service: _Service) -> None:
         self.index += 1
         service.index = self.index
+        service.routable = None
 
     # -- configuration -------------------------------------------------------
 
@@ -97,6 +123,7 @@ class Registry:
             if existing is not None:
                 # Configured instances never expire, even if one also registered itself.
                 existing.ttl = existing.expires_at = None
+                service.routable = None
                 continue
             instance = Instance(
                 service=name,
@@ -172,6 +199,15 @@ class Registry:
             self._remove(service, instance, "deregistered")
         return instance
 
+    def set_health(self, name: str, instance_id: str, health: str) -> Instance:
+        """Record a health verdict (healthy, ejected, failing) of a check or of traffic."""
+        instance = self.get(name, instance_id)
+        if instance.health != health:
+            instance.health = health
+            self._changed(self._services[name])
+            self._emit("updated", instance)
+        return instance
+
     def deregister(self, name: str, instance_id: str) -> Instance:
         instance = self.get(name, instance_id)
         self._remove(self._services[name], instance, "deregistered")
@@ -233,13 +269,22 @@ class Registry:
     # -- the request path -------------------------------------------------------
 
     def pick(self, name: str, exclude: Collection[str] = ()) -> Instance | None:
-        """Next instance by smooth weighted round-robin among routable ones."""
+        """Next instance by smooth weighted round-robin among routable ones.
+
+        A lease is checked here, at the moment of the pick: an instance whose lease
+        ended gets no traffic even if no sweep has removed it yet.
+        """
         service = self._services.get(name)
         if service is None:
             return None
-        now = self.clock()
-        candidates = [i for i in service.instances.values() if i.routable(now)]
-        return service.balancer.pick(candidates, exclude)
+        routable = service.routable_at(self.clock())
+        if not routable:
+            return None
+        if service.uniform and not exclude:
+            turn = service.turn
+            service.turn = turn + 1
+            return routable[turn % len(routable)]
+        return service.balancer.pick(routable, exclude)
 
     def request_started(self, instance: Instance) -> None:
         instance.in_flight += 1

@@ -635,10 +635,12 @@ def test_pick_follows_weights_and_exclude(registry: Registry) -> None:
 def test_unhealthy_instances_are_not_picked(registry: Registry) -> None:
     a, _ = registry.register("users", body(port=9000))
     b, _ = registry.register("users", body(port=9001))
-    a.health = "ejected"
+    registry.set_health("users", a.id, "ejected")
     assert set(picked_ids(registry, "users", 6)) == {b.id}
-    b.health = "failing"
+    registry.set_health("users", b.id, "failing")
     assert registry.pick("users") is None
+    registry.set_health("users", a.id, "healthy")
+    assert set(picked_ids(registry, "users", 3)) == {a.id}
 
 
 def test_in_flight_counts(registry: Registry) -> None:
