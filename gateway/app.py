@@ -147,6 +147,9 @@ async def serve(gateway: Gateway) -> None:
     )
     gc.collect()
     gc.freeze()  # start-up objects never need scanning again; shorter GC pauses
+    # Each request allocates a handful of objects that die young; collecting the young
+    # generation every 700 allocations (the default) is wasted work and tail latency.
+    gc.set_threshold(20_000, 20, 20)
     await stopping.wait()
     log.info("shutting down: waiting up to %.0fs for requests in flight", gateway.shutdown_grace)
     await gateway.stop()

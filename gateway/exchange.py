@@ -325,7 +325,7 @@ class Exchange:
     def on_response_head(self, status: int, raw: bytes, keep_alive: bool) -> None:
         self.proxy.waiting.discard(self)
         try:
-            response = ResponseHead(raw)
+            response = ResponseHead.of(raw)
         except HeaderError as error:
             self.on_upstream_lost(error.message, "protocol")
             return

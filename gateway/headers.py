@@ -204,11 +204,13 @@ class RequestHead(_Head):
 # Response header lines the gateway takes out (and reads) before passing the head on.
 # Response header lines the gateway takes out (and reads) before passing the head on.
 # Groups: 1 Content-Length (kept), 2 Transfer-Encoding, 3 Connection, 4 the value.
+# Matched on the lower-cased head (same length, so positions hold for the raw one);
+# llhttp has already refused bare LF, obs-fold and a space before the colon.
 _RESPONSE_SPECIAL = re.compile(
-    rb"^(?:(content-length)|(transfer-encoding)|(connection)|keep-alive|proxy-connection|te"
-    rb"|trailer|upgrade|x-request-id)[ \t]*:[ \t]*([^\r\n]*)\r\n",
-    re.IGNORECASE | re.MULTILINE,
+    rb"\n(?:(content-length)|(transfer-encoding)|(connection)|keep-alive|proxy-connection|te"
+    rb"|trailer|upgrade|x-request-id):[ \t]*([^\r\n]*)\r"
 )
+RESPONSE_CACHE_SIZE = 512
 
 
 class ResponseHead:
@@ -235,13 +237,13 @@ class ResponseHead:
         kept: list[bytes] = []
         named: set[bytes] = set()
         position = end
-        for match in _RESPONSE_SPECIAL.finditer(raw, end):
+        for match in _RESPONSE_SPECIAL.finditer(raw.lower(), end - 1):
             group = match.group
             if group(1) is not None:
-                self.content_length = group(4)
+                self.content_length = raw[match.start(4) : match.end(4)]
                 continue
-            kept.append(raw[position : match.start()])
-            position = match.end()
+            kept.append(raw[position : match.start() + 1])
+            position = match.end() + 1
             if group(2) is not None:
                 # llhttp de-chunks; the gateway frames the body anew for its client.
                 self.chunked = self.chunked or b"chunked" in group(4).lower()
@@ -262,6 +264,18 @@ class ResponseHead:
                 if line.partition(b":")[0].strip().lower() not in named
             )
         self.lines = lines
+
+    @classmethod
+    def of(cls, raw: bytes, cache: dict[bytes, ResponseHead] = {}) -> ResponseHead:  # noqa: B006
+        """The ResponseHead of ``raw``, remembered: an upstream sends the same head again
+        and again (only Date changes, once a second), so most responses skip the rewrite."""
+        head = cache.get(raw)
+        if head is None:
+            head = cls(raw)
+            if len(cache) >= RESPONSE_CACHE_SIZE:
+                cache.clear()
+            cache[raw] = head
+        return head
 
     def client_head(self, request_id: bytes, framing: bytes) -> bytes:
         """The response head for the client; ``framing`` is its Transfer-Encoding/Connection."""
