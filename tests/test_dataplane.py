@@ -337,3 +337,47 @@ async def test_slow_upstream_pauses_the_client_read(gateway_factory):
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_slow_request_head_gets_408_and_idle_connections_are_closed(
+    gateway_factory, raw_upstream
+):
+    gw = await gateway_factory("proxy:\n  header_timeout: 300ms\n  idle_timeout: 300ms\n" + ROUTES)
+    _, port = await raw_upstream(lambda method, path: _ok(b"hi"))
+    await _register(gw, port)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    started = loop.time()
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 408")
+    assert b'"request_timeout"' in data
+    assert loop.time() - started < 2.5  # checked once a second
+    writer.close()
+    await writer.wait_closed()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = await _read_response(reader)
+    assert body == b"hi"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed, no answer
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_connections_over_the_limit_get_503_overloaded(gateway_factory, raw_upstream):
+    gw = await gateway_factory("proxy:\n  max_connections: 2\n" + ROUTES)
+    _, port = await raw_upstream(lambda method, path: _ok(b"hi"))
+    await _register(gw, port)
+    held = [await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port) for _ in range(2)]
+    for reader, writer in held:  # both are served
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await _read_response(reader))[1] == b"hi"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 503")
+    assert b'"overloaded"' in data
+    writer.close()
+    await writer.wait_closed()
+    for _, writer in held:
+        writer.close()
+        await writer.wait_closed()
