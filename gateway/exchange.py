@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.errors import error_bytes
-from gateway.headers import HeaderError, RequestHead, ResponseHead
+from gateway.headers import HeaderError, RequestHead, ResponseHead, sane_request_id
 from gateway.metrics import RouteStats, ServiceStats
 from gateway.pool import UpstreamConnection
 
@@ -78,7 +78,10 @@ class Exchange:
         self.http11 = http11
         self.keep_alive = keep_alive
         self.started = proxy.loop.time()
-        self.request_id = head.request_id_or_new()
+        request_id = head.request_id
+        if request_id is None or head.named is not None or not sane_request_id(request_id):
+            request_id = head.request_id_or_new()
+        self.request_id = request_id
         self.stats: RouteStats = proxy.metrics.unmatched
         self.has_body = head.chunked or (head.content_length not in (None, b"0"))
         self.no_body = method == b"HEAD"
@@ -88,12 +91,12 @@ class Exchange:
     def start(self) -> None:
         """The request head is in: route it and send it to an instance."""
         try:
-            route, self.target = self._resolve()
+            route, self.target, stats = self._resolve()
         except HeaderError as error:
             self.fail(error.status, error.code, error.message)
             return
         self.route = route
-        self.stats = stats = self.proxy.metrics.route(route.prefix, route.service)
+        self.stats = stats
         self.service = service = stats.service
         service.in_flight += 1
         self._attempt()
@@ -167,7 +170,7 @@ class Exchange:
 
     # -- routing and attempts ----------------------------------------------------------
 
-    def _resolve(self) -> tuple[RouteConfig, bytes]:
+    def _resolve(self) -> tuple[RouteConfig, bytes, RouteStats]:
         method, url, head = self.method, self.url, self.head
         if method == b"CONNECT":
             raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
@@ -179,13 +182,13 @@ class Exchange:
         else:
             raw_path, query, host = self.proxy.absolute_form(url)
             self.authority = host
-        route, target = self.proxy.resolve(host, raw_path)
+        route, target, stats = self.proxy.resolve(host, raw_path)
         length = head.content_length
         if route.max_body is not None and length is not None and int(length) > route.max_body:
             raise HeaderError(
                 413, "payload_too_large", f"body over {route.max_body} bytes for this route"
             )
-        return route, target + b"?" + query if query else target
+        return route, (target + b"?" + query if query else target), stats
 
     def _attempt(self) -> None:
         route = self.route
@@ -448,7 +451,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        self._end_attempt()
+        if self.instance is not None:
+            self._end_attempt()
         if self.service is not None:
             self.service.in_flight -= 1
         self.stats.observe(

@@ -67,24 +67,33 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
 
 
-_ID_PREFIX = os.urandom(8).hex()
+_ID_PREFIX = os.urandom(8).hex().encode()
 _id_counter = itertools.count(1)
 
 
 def new_request_id() -> bytes:
     """Unique per process and across processes: a random prefix and a counter."""
-    return f"{_ID_PREFIX}{next(_id_counter):016x}".encode()
+    return b"%s%016x" % (_ID_PREFIX, next(_id_counter))
 
 
-class _Head:
-    __slots__ = ("lines", "content_length", "chunked", "close", "named", "size")
+class RequestHead:
+    """A client request's headers, checked and sorted as the parser reports them.
+
+    Fields most requests leave alone are class attributes: nothing to store.
+    """
+
+    content_length: bytes | None = None
+    chunked = False
+    close = False  # Connection: close
+    named: set[bytes] | None = None  # headers listed in Connection
+    host: bytes | None = None
+    forwarded_for: list[bytes] | None = None
+    request_id: bytes | None = None
+    forwarded_prefix: bytes | None = None
+    expect_continue = False
 
     def __init__(self) -> None:
         self.lines: list[tuple[bytes, bytes]] = []  # (lower-cased name, "Name: value\r\n")
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.close = False  # Connection: close
-        self.named: set[bytes] | None = None  # headers listed in Connection
         self.size = 0
 
     def _size(self, name: bytes, value: bytes) -> None:
@@ -117,20 +126,6 @@ class _Head:
             return [line for _, line in self.lines]
         return [line for lname, line in self.lines if lname not in named]
 
-
-class RequestHead(_Head):
-    """A client request's headers, checked and sorted as the parser reports them."""
-
-    __slots__ = ("host", "forwarded_for", "request_id", "forwarded_prefix", "expect_continue")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.host: bytes | None = None
-        self.forwarded_for: list[bytes] = []
-        self.request_id: bytes | None = None
-        self.forwarded_prefix: bytes | None = None
-        self.expect_continue = False
-
     def add(self, name: bytes, value: bytes) -> None:
         self._size(name, value)
         lname = name.lower()
@@ -149,6 +144,8 @@ class RequestHead(_Head):
             self._connection(value)
         elif kind == _FOR:
             if value.strip():
+                if self.forwarded_for is None:
+                    self.forwarded_for = []
                 self.forwarded_for.append(value.strip())
         elif kind == _ID:
             self.request_id = value
@@ -180,7 +177,10 @@ class RequestHead(_Head):
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         if host is not None:
             parts += (b"Host: ", host, b"\r\n")
-        parts += self.kept_lines()
+        if self.named is None:
+            parts += [line for _, line in self.lines]
+        else:
+            parts += self.kept_lines()
         if self.forwarded_for and b"x-forwarded-for" not in named:
             parts += (b"X-Forwarded-For: ", b", ".join(self.forwarded_for), b", ", client_ip)
         else:

@@ -111,12 +111,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.head = RequestHead()
-        self.url = []
-        self.url_size = 0
-
     def on_url(self, url: bytes) -> None:
+        if self.head is None:  # a new request begins
+            self.head = RequestHead()
+            self.url = []
+            self.url_size = 0
         self.url_size += len(url)
         if self.url_size > MAX_URL:
             self._error = HeaderError(414, "uri_too_long", "request line over the 8 KiB limit")

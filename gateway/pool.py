@@ -118,8 +118,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is None:
             self.close()  # an idle connection has nothing to say: it is broken
             return
-        if self._head is not None:
-            self._head += data
+        head = self._head
+        if head is not None:
+            self._head = head + data if head else data
         self._feeding = True
         try:
             self._parser.feed_data(data)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from gateway.headers import HeaderError
-from gateway.metrics import GatewayMetrics, method_label
+from gateway.metrics import GatewayMetrics, RouteStats, method_label
 from gateway.pool import ConnectionPool
 from gateway.routing import BadPath, RouteTable, host_name, normalize_path
 from registry.store import Registry
@@ -30,7 +30,7 @@ class Proxy:
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
-        self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes]] = {}
+        self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes, RouteStats]] = {}
         self.table = table
 
     @property
@@ -43,8 +43,8 @@ class Proxy:
         self._table = table
         self._routes = {}
 
-    def resolve(self, host: bytes | None, raw_path: bytes) -> tuple[RouteConfig, bytes]:
-        """The route for a Host and raw path, and the path to send upstream.
+    def resolve(self, host: bytes | None, raw_path: bytes) -> tuple[RouteConfig, bytes, RouteStats]:
+        """The route for a Host and raw path, the path to send upstream, the route's stats.
 
         Answers are cached per (Host, path): most traffic repeats a few paths.
         """
@@ -60,7 +60,8 @@ class Proxy:
         if match is None:
             raise HeaderError(404, "no_route", f"no route for {path}")
         route: RouteConfig = match.route  # type: ignore[assignment]
-        found = (route, match.upstream_path.encode("latin-1"))
+        stats = self.metrics.route(route.prefix, route.service)
+        found = (route, match.upstream_path.encode("latin-1"), stats)
         if len(self._routes) >= ROUTE_CACHE_SIZE:
             self._routes.clear()
         self._routes[key] = found
