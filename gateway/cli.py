@@ -36,7 +36,9 @@ def _workers(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gateway", description="API gateway with a built-in service registry")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="{run,check,services,register}"
+    )
 
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("--config", default="routes.yaml", help="config file (default ./routes.yaml)")
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--ttl", default="30s")
     register.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
     register.add_argument("--token", help="admin bearer token")
+    worker = commands.add_parser("_worker")  # started by `run --workers N`, not by users
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--listen", type=_listen, required=True)
+    worker.add_argument("--feed-fd", type=int, required=True)
+    worker.add_argument("--log-level", default="info")
     return parser
 
 
@@ -82,21 +89,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    if args.workers > 1:
-        print(
-            "gateway: --workers > 1 needs a registry shared between workers "
-            "(registry.backend: etcd), which this version does not have yet; use --workers 1",
-            file=sys.stderr,
-        )
-        return 1
     try:
-        gateway = Gateway(config, listen=args.listen, admin_listen=args.admin_listen)
+        gateway = Gateway(
+            config,
+            listen=args.listen,
+            admin_listen=args.admin_listen,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
         run(gateway)
     except StartupError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway.app import run_loop
+    from gateway.workers import run_worker
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
+    )
+    config = _load(args.config)
+    if config is None:
+        return 1
+    run_loop(run_worker(config, args.listen, args.feed_fd))
     return 0
 
 
@@ -126,7 +147,13 @@ def cmd_register(args: argparse.Namespace) -> int:
     return run_sidecar(args.admin, args.token, args.service, args.address, args.ttl)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "services": cmd_services, "register": cmd_register}
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "services": cmd_services,
+    "register": cmd_register,
+    "_worker": cmd_worker,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import (
@@ -78,12 +79,28 @@ class RouteStats:
 
 
 class _RequestCollector(Collector):
+    """The request families, summed over this process and the workers' latest reports."""
+
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        routes = list(self._metrics.all_routes())
-        services = list(self._metrics.services.values())
+        routes: dict[tuple[str, str], list[Any]] = {}  # -> [counts, buckets, sum, count]
+        services: dict[str, list[Any]] = {}  # -> [in_flight, retries, errors]
+        for snapshot in [self._metrics.snapshot(), *self._metrics.remote.values()]:
+            for route, service, counts, buckets, total, count in snapshot["routes"]:
+                merged = routes.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0])
+                for method, code, n in counts:
+                    merged[0][(method, code)] = merged[0].get((method, code), 0) + n
+                merged[1] = [a + b for a, b in zip(merged[1], buckets, strict=True)]
+                merged[2] += total
+                merged[3] += count
+            for name, in_flight, retries, errors in snapshot["services"]:
+                merged = services.setdefault(name, [0, 0, dict.fromkeys(errors, 0)])
+                merged[0] += in_flight
+                merged[1] += retries
+                for reason, n in errors.items():
+                    merged[2][reason] += n
         requests = CounterMetricFamily(
             "gateway_requests",
             "Proxied requests by route, service, method and status code",
@@ -94,16 +111,15 @@ class _RequestCollector(Collector):
             "Time from request head received to response complete",
             labels=["route", "service"],
         )
-        for stats in routes:
-            labels = [stats.route, stats.service.name]
-            for (method, code), count in sorted(stats.counts.items()):
-                requests.add_metric([*labels, method, str(code)], count)
-            if stats.count:
+        for (route, service), (counts, buckets, total, count) in routes.items():
+            for (method, code), n in sorted(counts.items()):
+                requests.add_metric([route, service, method, str(code)], n)
+            if count:
                 cumulative, running = [], 0
-                for label, count in zip(_BUCKET_LABELS, stats.buckets, strict=True):
-                    running += count
+                for label, n in zip(_BUCKET_LABELS, buckets, strict=True):
+                    running += n
                     cumulative.append((label, running))
-                duration.add_metric(labels, cumulative, stats.sum)
+                duration.add_metric([route, service], cumulative, total)
         in_flight = GaugeMetricFamily(
             "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
         )
@@ -115,11 +131,11 @@ class _RequestCollector(Collector):
         retries = CounterMetricFamily(
             "gateway_retries", "Retried upstream attempts", labels=["service"]
         )
-        for service in services:
-            in_flight.add_metric([service.name], service.in_flight)
-            retries.add_metric([service.name], service.retries)
-            for reason, count in service.errors.items():
-                errors.add_metric([service.name, reason], count)
+        for name, (flying, retried, failed) in services.items():
+            in_flight.add_metric([name], flying)
+            retries.add_metric([name], retried)
+            for reason, n in failed.items():
+                errors.add_metric([name, reason], n)
         yield from (requests, duration, in_flight, errors, retries)
 
 
@@ -148,6 +164,7 @@ class GatewayMetrics:
         self.services: dict[str, ServiceStats] = {}
         self._routes: dict[tuple[str, str], RouteStats] = {}
         self.unmatched = RouteStats("none", ServiceStats("none"))
+        self.remote: dict[int, Any] = {}  # worker -> its latest snapshot()
 
         def counter(name: str, doc: str, label: str = "service") -> Counter:
             return Counter(name, doc, [label], registry=r)
@@ -186,6 +203,34 @@ class GatewayMetrics:
         yield from self._routes.values()
         if self.unmatched.count:
             yield self.unmatched
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's request numbers, as plain data (JSON-able)."""
+        return {
+            "routes": [
+                [
+                    r.route,
+                    r.service.name,
+                    [[m, c, n] for (m, c), n in r.counts.items()],
+                    r.buckets,
+                    r.sum,
+                    r.count,
+                ]
+                for r in self.all_routes()
+            ],
+            "services": [
+                [s.name, s.in_flight, s.retries, s.errors] for s in self.services.values()
+            ],
+        }
+
+    def set_remote(self, worker: int, snapshot: Any) -> None:
+        """A worker's latest numbers (None: it is gone)."""
+        if snapshot is None:
+            # Its counters stay (they must never go down); nothing of it is in flight.
+            for service in self.remote.get(worker, {}).get("services", []):
+                service[1] = 0
+        else:
+            self.remote[worker] = snapshot
 
     def _on_registry_event(self, event: str, service: str, instance: Instance) -> None:
         counter = {

@@ -208,6 +208,23 @@ class Registry:
             self._emit("updated", instance)
         return instance
 
+    def mirror(self, name: str, fields: Mapping[str, Any]) -> None:
+        """Take an instance as another registry holds it (a worker following the primary)."""
+        service = self._service(name)
+        existing = service.instances.get(fields["id"])
+        if existing is None:
+            service.instances[fields["id"]] = Instance(service=name, **fields)
+        else:
+            for key, value in fields.items():
+                setattr(existing, key, value)  # in place: requests in flight hold it
+        self._changed(service)
+
+    def unmirror(self, name: str, instance_id: str) -> None:
+        service = self._services.get(name)
+        instance = service.instances.get(instance_id) if service else None
+        if service is not None and instance is not None:
+            self._remove(service, instance, "deregistered")
+
     def deregister(self, name: str, instance_id: str) -> Instance:
         instance = self.get(name, instance_id)
         self._remove(self._services[name], instance, "deregistered")

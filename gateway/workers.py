@@ -1,0 +1,118 @@
+"""``gateway run --workers N``: the primary and N-1 worker processes share the proxy port.
+
+The kernel spreads client connections over the processes (SO_REUSEPORT). The
+primary keeps the one registry and the admin listener; each worker proxies from
+a mirror of the registry that the primary streams to it (registry.feed), and
+sends its request statistics back for /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+
+from gateway.config import Config
+from gateway.listener import Listener
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.routing import RouteTable
+from registry.feed import RegistryFeed, follow, stats_line
+from registry.store import Registry
+
+log = logging.getLogger("gateway.workers")
+
+STATS_INTERVAL = 1.0
+
+
+class Workers:
+    """In the primary: starts the workers, feeds them, stops them."""
+
+    def __init__(self, feed: RegistryFeed) -> None:
+        self.feed = feed
+        self.processes: list[asyncio.subprocess.Process] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(
+        self, count: int, config: Config, listen: tuple[str, int], log_level: str
+    ) -> None:
+        for worker in range(1, count):
+            ours, theirs = socket.socketpair()
+            command = [
+                sys.executable,
+                "-m",
+                "gateway",
+                "_worker",
+                "--config",
+                str(config.path),
+                "--listen",
+                f"{listen[0]}:{listen[1]}",
+                "--feed-fd",
+                str(theirs.fileno()),
+                "--log-level",
+                log_level,
+            ]
+            process = await asyncio.create_subprocess_exec(*command, pass_fds=(theirs.fileno(),))
+            theirs.close()
+            self.processes.append(process)
+            reader, writer = await asyncio.open_connection(sock=ours)
+            self._tasks.append(asyncio.create_task(self.feed.serve(worker, reader, writer)))
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM each worker: it stops accepting and finishes its requests."""
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                async with asyncio.timeout(grace + 5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+        self.processes.clear()
+
+
+async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> None:
+    """A worker process: a data plane on the shared port, routing from the mirror."""
+    loop = asyncio.get_running_loop()
+    registry = Registry(
+        time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
+    )
+    metrics = GatewayMetrics(registry)
+    proxy = Proxy(RouteTable(config.routes), registry, metrics)
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=feed_fd))
+    ready = asyncio.Event()
+    following = asyncio.create_task(follow(registry, reader, ready))
+    async with asyncio.timeout(30):
+        await asyncio.wait(
+            [following, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    if not ready.is_set():
+        log.error("worker: no registry from the primary; exiting")
+        return
+    listener = Listener(proxy, config.proxy)
+    await listener.start(listen[0], listen[1], reuse_port=True)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    following.add_done_callback(lambda _: stopping.set())  # the primary is gone
+    while not stopping.is_set():
+        if not writer.is_closing():
+            writer.write(stats_line(metrics.snapshot()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STATS_INTERVAL):
+                await stopping.wait()
+    await listener.shutdown(30.0)
+    if not writer.is_closing():
+        writer.write(stats_line(metrics.snapshot()))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+    writer.close()
+    following.cancel()
