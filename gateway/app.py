@@ -134,15 +134,19 @@ class Gateway:
             await self.stop()
             raise
 
+    async def _shutdown(self, listener: Listener | None) -> None:
+        if listener is not None:
+            await listener.shutdown(self.shutdown_grace)
+
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace), close."""
         self.runtime.stop()
         listener, self._listener = self._listener, None
         workers, self._workers = self._workers, None
-        await asyncio.gather(
-            listener.shutdown(self.shutdown_grace) if listener else asyncio.sleep(0),
-            workers.stop(self.shutdown_grace) if workers else asyncio.sleep(0),
-        )
+        if workers is not None:
+            await asyncio.gather(workers.stop(self.shutdown_grace), self._shutdown(listener))
+        else:
+            await self._shutdown(listener)  # in this task: nothing may slip in between
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.cleanup()

@@ -55,6 +55,9 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b""
         listener = self.listener
+        if listener.closing:  # accepted just as the listener closed
+            transport.close()
+            return
         if len(listener.connections) >= listener.settings.max_connections:
             self.transport.write(
                 error_bytes(
@@ -267,6 +270,7 @@ class Listener:
         self._ticker: asyncio.TimerHandle | None = None
         self._ticks = 0
         self._drained: asyncio.Event | None = None
+        self.closing = False
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = self.proxy.loop
@@ -298,6 +302,7 @@ class Listener:
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting; let answers in progress finish (up to ``grace``); close the rest."""
+        self.closing = True
         if self.server is not None:
             self.server.close()
         self._drained = asyncio.Event()
