@@ -299,10 +299,15 @@ class Registry:
             routable = service.routable_at(self.clock())
         if not routable:
             return None
-        if service.uniform and not exclude:
-            turn = service.turn
-            service.turn = turn + 1
-            return routable[turn % len(routable)]
+        if service.uniform:
+            count = len(routable)
+            for _ in range(count):  # a retry skips the instances it tried already
+                turn = service.turn
+                service.turn = turn + 1
+                instance = routable[turn % count]
+                if instance.id not in exclude:
+                    return instance
+            return None
         return service.balancer.pick(routable, exclude)
 
     def request_started(self, instance: Instance) -> None:
