@@ -38,7 +38,6 @@ class UpstreamConnection(asyncio.Protocol):
         "transport",
         "owner",
         "idle_since",
-        "reused",
         "closed",
         "_parser",
         "_head",
@@ -55,7 +54,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.owner: Owner | None = None
         self.idle_since = 0.0
-        self.reused = False  # has served a response before: may be closed by the upstream
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
         self._head: bytes | None = None  # raw bytes received while the head is incomplete
@@ -87,7 +85,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._release = reusable
             return
         if reusable and not self.closed:
-            self.reused = True
             self.pool.put(self)
         else:
             self.close()
