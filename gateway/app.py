@@ -15,10 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import build_admin_app
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
+from gateway.reload import FileWatcher
 from gateway.routing import RouteTable
 from gateway.workers import Workers
 from registry.feed import RegistryFeed
@@ -134,6 +135,43 @@ class Gateway:
             await self.stop()
             raise
 
+    def reload(self) -> bool:
+        """Load the config file again; a valid one replaces the routing table atomically.
+
+        Returns whether it was applied. Addresses to listen on are not changed by a
+        reload (that needs a restart).
+        """
+        path = self.config.path
+        if path is None:
+            return False
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            for line in error.errors:
+                log.error("reload refused, the old config keeps serving: %s", line)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        if (config.listen, config.admin.listen) != (self.config.listen, self.config.admin.listen):
+            log.warning("reload: listen addresses changed in %s; that needs a restart", path)
+        old_static = {name for name, s in self.config.services.items() if s.instances}
+        for route in config.routes:
+            self.registry.declare(route.service)
+        for name, service in config.services.items():
+            self.registry.declare(name)
+            self.registry.set_static(name, service.instances)
+        for name in old_static - set(config.services):
+            self.registry.set_static(name, ())
+        self.config = config
+        if self.proxy is not None:
+            self.proxy.table = RouteTable(config.routes)
+        if self._listener is not None:
+            self._listener.settings = config.proxy
+        if self._workers is not None:
+            self._workers.reload()
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("reloaded %s: %d routes", path, len(config.routes))
+        return True
+
     async def _shutdown(self, listener: Listener | None) -> None:
         if listener is not None:
             await listener.shutdown(self.shutdown_grace)
@@ -159,6 +197,17 @@ async def serve(gateway: Gateway) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await gateway.start()
+    watcher = None
+    if gateway.config.path is not None:
+        watcher = FileWatcher(gateway.config.path, gateway.reload)
+        watcher.start()
+
+    def on_sighup() -> None:
+        if watcher is not None:
+            watcher.changed()  # note the file as seen: the watcher must not load it twice
+        gateway.reload()
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info(
         "proxy listening on %s:%d, admin on %s:%d, %d routes",
         gateway.listen[0],
@@ -173,6 +222,8 @@ async def serve(gateway: Gateway) -> None:
     # generation every 700 allocations (the default) is wasted work and tail latency.
     gc.set_threshold(20_000, 20, 20)
     await stopping.wait()
+    if watcher is not None:
+        await watcher.stop()
     log.info("shutting down: waiting up to %.0fs for requests in flight", gateway.shutdown_grace)
     await gateway.stop()
     log.info("stopped")

@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
@@ -62,6 +62,12 @@ class Workers:
             reader, writer = await asyncio.open_connection(sock=ours)
             self._tasks.append(asyncio.create_task(self.feed.serve(worker, reader, writer)))
 
+    def reload(self) -> None:
+        """The primary applied a new config: each worker loads it too (SIGHUP)."""
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGHUP)
+
     async def stop(self, grace: float) -> None:
         """SIGTERM each worker: it stops accepting and finishes its requests."""
         for process in self.processes:
@@ -82,6 +88,7 @@ class Workers:
 async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> None:
     """A worker process: a data plane on the shared port, routing from the mirror."""
     loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # until the data plane is up
     registry = Registry(
         time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
     )
@@ -103,6 +110,17 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     following.add_done_callback(lambda _: stopping.set())  # the primary is gone
+
+    def reload() -> None:  # the primary checked the file before it signalled
+        try:
+            fresh = load_config(config.path) if config.path is not None else None
+        except ConfigError:
+            return
+        if fresh is not None:
+            proxy.table = RouteTable(fresh.routes)
+            listener.settings = fresh.proxy
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     while not stopping.is_set():
         if not writer.is_closing():
             writer.write(stats_line(metrics.snapshot()))

@@ -1,0 +1,133 @@
+"""Hot reload (SPEC section 3): a valid file swaps the routing table, a bad one is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from gateway.app import Gateway
+from gateway.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+FIRST = "routes:\n  - prefix: /old\n    service: web\n"
+SECOND = "routes:\n  - prefix: /new\n    service: web\n    strip_prefix: true\n"
+
+
+async def _reloads(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    async with session.get(f"{admin}/metrics") as response:
+        text = await response.text()
+    return {
+        result: float(value)
+        for result, value in re.findall(r'gateway_config_reloads_total{result="(\w+)"} (\S+)', text)
+    }
+
+
+async def test_reload_swaps_routes_and_keeps_registrations(tmp_path, upstreams):
+    config_file = tmp_path / "routes.yaml"
+    config_file.write_text(FIRST)
+    gateway = Gateway(
+        load_config(config_file), listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0)
+    )
+    await gateway.start()
+    try:
+        proxy = f"http://127.0.0.1:{gateway.proxy_port}"
+        admin = f"http://127.0.0.1:{gateway.admin_port}"
+        up = await upstreams("web")
+        async with aiohttp.ClientSession() as session:
+            url = f"{admin}/registry/services/web/instances"
+            async with session.post(url, json={"host": "127.0.0.1", "port": up.port}) as r:
+                assert r.status == 201
+            async with session.get(f"{proxy}/old/x") as r:
+                assert r.status == 200
+            # A long request in flight during the reload finishes normally.
+            up.arrived.clear()
+            slow = asyncio.ensure_future(session.get(f"{proxy}/old/slow?delay=0.3"))
+            await up.arrived.wait()
+
+            config_file.write_text(SECOND)
+            assert gateway.reload() is True
+            async with session.get(f"{proxy}/old/x") as r:
+                assert r.status == 404
+            async with session.get(f"{proxy}/new/x") as r:
+                assert r.status == 200
+                assert (await r.json())["path"] == "/x"  # strip_prefix of the new route
+            response = await slow
+            assert response.status == 200
+            response.release()
+
+            config_file.write_text("routes:\n  - prefix: nope\n    service: web\n")
+            assert gateway.reload() is False
+            async with session.get(f"{proxy}/new/x") as r:
+                assert r.status == 200  # the old table keeps serving
+            assert await _reloads(session, admin) == {"success": 1.0, "failure": 1.0}
+            async with session.get(f"{admin}/registry/services/web") as r:
+                assert len((await r.json())["instances"]) == 1  # registration untouched
+    finally:
+        await gateway.stop()
+
+
+async def _start(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
+        assert line, "gateway exited before listening"
+        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
+        if found:
+            return (
+                process,
+                f"http://127.0.0.1:{found.group(1)}",
+                f"http://127.0.0.1:{found.group(2)}",
+            )
+
+
+async def _prefixes(session: aiohttp.ClientSession, admin: str) -> list[str]:
+    async with session.get(f"{admin}/routes") as response:
+        return [route["prefix"] for route in (await response.json())["routes"]]
+
+
+async def test_sighup_and_file_change_reload_a_running_gateway(tmp_path):
+    (tmp_path / "routes.yaml").write_text(FIRST)
+    process, _, admin = await _start(tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await _prefixes(session, admin) == ["/old"]
+            (tmp_path / "routes.yaml").write_text(SECOND)
+            process.send_signal(signal.SIGHUP)
+            for _ in range(100):
+                if await _prefixes(session, admin) == ["/new"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert await _prefixes(session, admin) == ["/new"]
+            # Without a signal: the file watcher notices within about a second.
+            (tmp_path / "routes.yaml").write_text(FIRST + "  - prefix: /more\n    service: web\n")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while await _prefixes(session, admin) != ["/old", "/more"]:
+                assert loop.time() - started < 2.0, "not picked up within 2 s"
+                await asyncio.sleep(0.05)
+            assert (await _reloads(session, admin))["success"] == 2.0
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
