@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import build_admin_app
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, HealthCheckConfig, load_config
+from gateway.health import HealthChecker
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
@@ -24,6 +25,7 @@ from gateway.routing import RouteTable
 from gateway.workers import Workers
 from registry.feed import RegistryFeed
 from registry.runtime import RegistryRuntime
+from registry.snapshot import SnapshotWriter, load_snapshot
 from registry.store import Registry
 
 log = logging.getLogger("gateway")
@@ -49,6 +51,11 @@ def admin_token(config: Config) -> str | None:
     if config.admin.token_env is None:
         return None
     return os.environ.get(config.admin.token_env) or None
+
+
+def _checks(config: Config) -> dict[str, HealthCheckConfig]:
+    """The active health checks the config asks for, by service."""
+    return {name: s.health_check for name, s in config.services.items() if s.health_check}
 
 
 class Gateway:
@@ -86,7 +93,12 @@ class Gateway:
         for name, service in config.services.items():
             self.registry.declare(name)
             self.registry.set_static(name, service.instances)
+        snapshot = config.registry.snapshot
+        if snapshot is not None:
+            load_snapshot(self.registry, snapshot)  # before anyone listens to the registry
+        self._snapshot = SnapshotWriter(self.registry, snapshot) if snapshot else None
         self.runtime = RegistryRuntime(self.registry)
+        self.health = HealthChecker(self.registry, _checks(config))
         self.metrics = GatewayMetrics(self.registry)
         self.readiness: dict[str, str] = {}
         self._admin: web.AppRunner | None = None
@@ -126,6 +138,9 @@ class Gateway:
                 ) from None
             self.admin_port = int(self._admin.addresses[0][1])
             self.runtime.start()
+            self.health.start()
+            if self._snapshot is not None:
+                self._snapshot.start()
             if self.workers > 1:
                 self._workers = Workers(RegistryFeed(self.registry, self.metrics.set_remote))
                 await self._workers.start(
@@ -162,6 +177,7 @@ class Gateway:
         for name in old_static - set(config.services):
             self.registry.set_static(name, ())
         self.config = config
+        self.health.configure(_checks(config))
         if self.proxy is not None:
             self.proxy.table = RouteTable(config.routes)
         if self._listener is not None:
@@ -185,6 +201,9 @@ class Gateway:
             await asyncio.gather(workers.stop(self.shutdown_grace), self._shutdown(listener))
         else:
             await self._shutdown(listener)  # in this task: nothing may slip in between
+        await self.health.stop()
+        if self._snapshot is not None:
+            await self._snapshot.stop()  # the last changes reach the file
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -200,3 +201,36 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGate
     for item in running:
         await item.session.close()
         await item.gateway.stop()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+_raw_tasks: dict[asyncio.Server, set[asyncio.Task[None]]] = {}
+
+
+async def start_raw_server(handler: RawHandler) -> asyncio.Server:
+    """A hand-written upstream on port 0 whose connections stop_raw_server ends for sure."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    _raw_tasks[server] = tasks
+    return server
+
+
+async def stop_raw_server(server: asyncio.Server) -> None:
+    server.close()
+    tasks = _raw_tasks.pop(server, set())
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task  # ending them is the point
+    await server.wait_closed()

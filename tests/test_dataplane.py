@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from tests.conftest import start_raw_server, stop_raw_server
+
 ROUTES = """
 routes:
   - prefix: /
@@ -47,13 +49,12 @@ class RawUpstream:
             writer.close()
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.server = await start_raw_server(self.serve)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+            await stop_raw_server(self.server)
 
 
 @pytest.fixture
@@ -212,7 +213,7 @@ async def test_unfinished_upstream_response_is_not_pooled(gateway_factory, raw_u
         writer.close()
 
     upstream = RawUpstream(lambda m, p: b"")
-    server = await asyncio.start_server(respond_then_close, "127.0.0.1", 0)
+    server = await start_raw_server(respond_then_close)
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         for expected in (b"short", b"fine"):
@@ -230,8 +231,7 @@ async def test_unfinished_upstream_response_is_not_pooled(gateway_factory, raw_u
         assert upstream.connections == 2
         assert upstream.requests == []
     finally:
-        server.close()
-        await server.wait_closed()
+        await stop_raw_server(server)
 
 
 async def _wait_until_stable(read: Callable[[], int]) -> int:
@@ -266,7 +266,7 @@ async def test_slow_client_pauses_the_upstream_read(gateway_factory):
             pass
         writer.close()
 
-    server = await asyncio.start_server(firehose, "127.0.0.1", 0)
+    server = await start_raw_server(firehose)
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         reader, writer = await asyncio.open_connection(
@@ -286,8 +286,7 @@ async def test_slow_client_pauses_the_upstream_read(gateway_factory):
         writer.close()
         await writer.wait_closed()
     finally:
-        server.close()
-        await server.wait_closed()
+        await stop_raw_server(server)
 
 
 async def test_slow_upstream_pauses_the_client_read(gateway_factory):
@@ -309,7 +308,7 @@ async def test_slow_upstream_pauses_the_client_read(gateway_factory):
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(sluggish, "127.0.0.1", 0)
+    server = await start_raw_server(sluggish)
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
@@ -335,8 +334,7 @@ async def test_slow_upstream_pauses_the_client_read(gateway_factory):
         writer.close()
         await writer.wait_closed()
     finally:
-        server.close()
-        await server.wait_closed()
+        await stop_raw_server(server)
 
 
 async def test_slow_request_head_gets_408_and_idle_connections_are_closed(

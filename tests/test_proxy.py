@@ -10,6 +10,8 @@ from collections import Counter
 
 import pytest
 
+from tests.conftest import start_raw_server, stop_raw_server
+
 ROUTES = """
 proxy:
   timeout: 1s
@@ -357,7 +359,7 @@ async def test_client_disconnect_closes_the_upstream_connection(gateway_factory)
             upstream_closed.set()
         writer.close()
 
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    server = await start_raw_server(hang)
     try:
         port = server.sockets[0].getsockname()[1]
         url = f"{gw.admin_url}/registry/services/api/instances"
@@ -380,8 +382,7 @@ async def test_client_disconnect_closes_the_upstream_connection(gateway_factory)
         )
         assert 'gateway_requests_in_flight{service="api"} 0.0' in metrics
     finally:
-        server.close()
-        await server.wait_closed()
+        await stop_raw_server(server)
 
 
 async def test_truncated_upstream_body_aborts_the_client_connection(gateway_factory):
@@ -393,7 +394,7 @@ async def test_truncated_upstream_body_aborts_the_client_connection(gateway_fact
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(truncate, "127.0.0.1", 0)
+    server = await start_raw_server(truncate)
     try:
         port = server.sockets[0].getsockname()[1]
         url = f"{gw.admin_url}/registry/services/api/instances"
@@ -409,5 +410,4 @@ async def test_truncated_upstream_body_aborts_the_client_connection(gateway_fact
         assert b"Content-Length: 100" in head
         assert len(body) < 100  # short, and the connection closed: the client can tell
     finally:
-        server.close()
-        await server.wait_closed()
+        await stop_raw_server(server)
