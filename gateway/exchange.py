@@ -271,6 +271,8 @@ class Exchange:
         assert self.service is not None and self.route is not None
         self.service.errors[reason] += 1
         instance = self.instance
+        if instance is not None and (reason == "connect" or reason == "timeout"):
+            self.proxy.outliers.failed(instance)
         log.warning(
             "%s %s -> %s/%s: %s: %s",
             self.method.decode("latin-1"),
@@ -333,6 +335,12 @@ class Exchange:
             self.on_upstream_lost(error.message, "protocol")
             return
         self.status = status
+        instance = self.instance
+        if instance is not None:
+            if status >= 500:
+                self.proxy.outliers.failed(instance, server_error=True)
+            else:
+                self.proxy.outliers.succeeded(instance)
         self.upstream_keep_alive = keep_alive and not response.close
         no_body = self.no_body or status == 204 or status == 304
         framing = b""

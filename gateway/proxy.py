@@ -11,6 +11,7 @@ import httptools
 
 from gateway.headers import HeaderError
 from gateway.metrics import GatewayMetrics, RouteStats, method_label
+from gateway.outliers import Outliers
 from gateway.pool import ConnectionPool
 from gateway.routing import BadPath, RouteTable, host_name, normalize_path
 from registry.store import Registry
@@ -23,8 +24,15 @@ ROUTE_CACHE_SIZE = 4096
 
 
 class Proxy:
-    def __init__(self, table: RouteTable, registry: Registry, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        registry: Registry,
+        metrics: GatewayMetrics,
+        outliers: Outliers | None = None,
+    ) -> None:
         self.registry = registry
+        self.outliers = outliers or Outliers(registry, {})
         self.metrics = metrics
         self.pool = ConnectionPool()
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet

@@ -107,3 +107,90 @@ async def test_failing_health_check_takes_an_instance_out_and_back(gateway_facto
         await until("healthy")
     finally:
         await runner.cleanup()
+
+
+class Later:
+    """Collects call_later requests instead of running them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, object]] = []
+
+    def __call__(self, delay: float, callback: object) -> None:
+        self.calls.append((delay, callback))
+
+
+def _registry_with(count: int):
+    from registry.store import Registry
+    from tests.fakes import FakeClock
+
+    registry = Registry(FakeClock())
+    instances = [
+        registry.register("web", {"host": "10.0.0.1", "port": 9000 + i})[0] for i in range(count)
+    ]
+    return registry, instances
+
+
+def test_consecutive_failures_eject_with_doubling_back_off_and_a_cap():
+    from gateway.config import OutlierConfig
+    from gateway.outliers import Outliers
+
+    registry, (a, b, c, d) = _registry_with(4)
+    later = Later()
+    outliers = Outliers(registry, {"web": OutlierConfig(consecutive_failures=3)}, later)
+    for _ in range(2):
+        outliers.failed(a)
+    outliers.succeeded(a)  # a success resets the count
+    for _ in range(2):
+        outliers.failed(a)
+    assert a.health == "healthy"
+    outliers.failed(a)
+    assert a.health == "ejected" and later.calls[-1][0] == 30.0
+    for _ in range(3):
+        outliers.failed(b)
+    assert b.health == "ejected"
+    for _ in range(3):
+        outliers.failed(c)
+    assert c.health == "healthy"  # at most half of the 4 at once
+    later.calls[0][1]()  # a's ejection ends
+    assert a.health == "healthy"
+    for _ in range(3):
+        outliers.failed(a)
+    assert a.health == "ejected" and later.calls[-1][0] == 60.0  # doubled
+    assert registry.pick("web", ()).id in {c.id, d.id}
+
+
+def test_a_lone_instance_is_never_ejected_and_5xx_count_only_when_configured():
+    from gateway.config import OutlierConfig
+    from gateway.outliers import Outliers
+
+    registry, (lone,) = _registry_with(1)
+    outliers = Outliers(registry, {}, Later())
+    for _ in range(10):
+        outliers.failed(lone)
+    assert lone.health == "healthy"
+    registry, (a, b) = _registry_with(2)
+    outliers = Outliers(registry, {}, Later())
+    for _ in range(10):
+        outliers.failed(a, server_error=True)
+    assert a.health == "healthy"  # 5xx do not count by default
+    outliers = Outliers(registry, {"web": OutlierConfig(consecutive_5xx=2)}, Later())
+    outliers.failed(a, server_error=True)
+    outliers.failed(a, server_error=True)
+    assert a.health == "ejected"
+
+
+async def test_a_dead_instance_is_ejected_and_no_request_fails(gateway_factory, upstreams):
+    gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n")
+    alive, dead = await upstreams("alive"), await upstreams("dead")
+    await gw.register("web", alive)
+    await gw.register("web", dead)
+    await dead.stop()  # killed without deregistering
+    for _ in range(12):
+        async with gw.session.get(gw.proxy_url + "/x") as response:
+            assert response.status == 200  # the connect failure is retried elsewhere
+    async with gw.session.get(f"{gw.admin_url}/registry/services/web") as response:
+        health = {i["port"]: i["health"] for i in (await response.json())["instances"]}
+    assert health == {alive.port: "healthy", dead.port: "ejected"}
+    async with gw.session.get(gw.admin_url + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_registry_instances{service="web",state="ejected"} 1.0' in text
