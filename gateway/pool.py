@@ -9,6 +9,7 @@ decides anything about retries or the client. Idle connections wait in the pool
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
 Key = tuple[str, str, int]  # scheme, host, port
 MAX_IDLE_PER_INSTANCE = 512
+# A connection idle longer than this is checked before reuse: upstreams close idle
+# keep-alive connections, and a request sent just then would fail (a 502 for a POST).
+CHECK_AFTER = 0.0005
 
 
 class Owner(Protocol):
@@ -88,6 +92,25 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.put(self)
         else:
             self.close()
+
+    def alive(self) -> bool:
+        """Whether the upstream has not closed this idle connection (one non-blocking read).
+
+        An idle connection has nothing to read: end of stream or any byte means it is
+        done. uvloop owns the socket; reading it here is safe because it is closed
+        at once in both of those cases.
+        """
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return not self.closed
+        try:
+            os.read(sock.fileno(), 1)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def close(self) -> None:
         self.owner = None
@@ -197,8 +220,13 @@ class ConnectionPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if not connection.closed:
-                return connection
+            if connection.closed:
+                continue
+            loop = self._loop or asyncio.get_running_loop()
+            if loop.time() - connection.idle_since > CHECK_AFTER and not connection.alive():
+                connection.close()  # the upstream closed it while it waited: never use it
+                continue
+            return connection
         return None
 
     def put(self, connection: UpstreamConnection) -> None:

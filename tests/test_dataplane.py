@@ -379,3 +379,40 @@ async def test_connections_over_the_limit_get_503_overloaded(gateway_factory, ra
     for _, writer in held:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_upstream_closing_idle_connections_fails_no_request(gateway_factory):
+    """An upstream that closes keep-alive connections 1 ms after each answer: every POST
+    still arrives exactly once (a pooled connection is checked before it is reused)."""
+    gw = await gateway_factory(ROUTES)
+    received: list[bytes] = []
+
+    async def impatient(reader, writer):
+        first = True
+        while True:
+            try:
+                async with asyncio.timeout(None if first else 0.001):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except TimeoutError:
+                writer.close()  # idle for 1 ms: closed, like a short keep-alive timeout
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            first = False
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            received.append(await reader.readexactly(length))
+            writer.write(_ok(b"ok"))
+            await writer.drain()
+
+    server = await start_raw_server(impatient)
+    try:
+        await _register(gw, server.sockets[0].getsockname()[1])
+        statuses = []
+        for i in range(60):
+            async with gw.session.post(gw.proxy_url + "/p", data=b"%d" % i) as response:
+                statuses.append(response.status)
+            await asyncio.sleep(0.001 * (i % 3))
+        assert statuses == [200] * 60
+        assert sorted(received, key=int) == [b"%d" % i for i in range(60)]  # once each
+    finally:
+        await stop_raw_server(server)
