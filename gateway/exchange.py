@@ -99,6 +99,7 @@ class Exchange:
         self.stats = stats
         self.service = service = stats.service
         service.in_flight += 1
+        service.requests += 1
         self._attempt()
 
     def client_body(self, data: bytes) -> None:
@@ -290,7 +291,7 @@ class Exchange:
         again = reason == "connect" or (
             reason != "timeout" and self.method in IDEMPOTENT and not self.has_body
         )
-        if again and len(self.tried or ()) <= self.route.retries:
+        if again and len(self.tried or ()) <= self.route.retries and self.service.may_retry():
             self._attempt()
         else:
             self._give_up(reason)

@@ -293,6 +293,8 @@ class Listener:
     def _tick(self) -> None:
         now = self.proxy.loop.time()
         self.proxy.expire_waiting(now)
+        for service in self.proxy.metrics.services.values():
+            service.sample()
         self._ticks += 1
         if self._ticks % 10 == 0:  # once a second is precise enough for these
             for connection in list(self.connections):

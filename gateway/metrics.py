@@ -9,6 +9,7 @@ Registry events are rare and use prometheus_client's counters directly.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,16 +45,35 @@ def instance_state(instance: Instance) -> str:
     return instance.health if instance.health != "healthy" else instance.state
 
 
-class ServiceStats:
-    """Per-service numbers the request path moves."""
+RETRY_RATIO = 0.2  # retries allowed: 20% of the requests of the last second...
+RETRY_FLOOR = 10  # ...plus 10 a second
+BUDGET_WINDOW = 10  # samples of (requests, retries), one a tick: the last second
 
-    __slots__ = ("name", "in_flight", "retries", "errors")
+
+class ServiceStats:
+    """Per-service numbers the request path moves, and the retry budget they give."""
+
+    __slots__ = ("name", "in_flight", "retries", "errors", "requests", "_window")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.in_flight = 0
         self.retries = 0
+        self.requests = 0
         self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self._window: deque[tuple[int, int]] = deque([(0, 0)], maxlen=BUDGET_WINDOW)
+
+    def sample(self) -> None:
+        """Called once a tick (0.1 s): the window the retry budget looks at moves on."""
+        self._window.append((self.requests, self.retries))
+
+    def may_retry(self) -> bool:
+        """Retries stay under 20% of recent requests plus 10/s, so an outage is not
+        multiplied by retries (they would fail too)."""
+        requests, retries = self._window[0]
+        recent_requests = self.requests - requests
+        recent_retries = self.retries - retries
+        return recent_retries < RETRY_RATIO * recent_requests + RETRY_FLOOR
 
 
 class RouteStats:

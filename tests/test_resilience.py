@@ -194,3 +194,20 @@ async def test_a_dead_instance_is_ejected_and_no_request_fails(gateway_factory, 
     async with gw.session.get(gw.admin_url + "/metrics") as response:
         text = await response.text()
     assert 'gateway_registry_instances{service="web",state="ejected"} 1.0' in text
+
+
+def test_retry_budget_allows_20_percent_plus_10_a_second():
+    from gateway.metrics import ServiceStats
+
+    stats = ServiceStats("web")
+    for _ in range(10):  # a quiet second: the floor of 10 retries
+        assert stats.may_retry()
+        stats.retries += 1
+    assert not stats.may_retry()
+    stats.requests += 100  # 100 requests in the window: 20 more
+    assert stats.may_retry()
+    stats.retries += 20
+    assert not stats.may_retry()
+    for _ in range(10):  # a second later the window has moved on
+        stats.sample()
+    assert stats.may_retry()
