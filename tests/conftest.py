@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -234,3 +238,44 @@ async def stop_raw_server(server: asyncio.Server) -> None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task  # ending them is the point
     await server.wait_closed()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class GatewayProcess:
+    process: asyncio.subprocess.Process
+    proxy_url: str
+    admin_url: str
+
+
+async def start_gateway_process(cwd: Path, *extra: str) -> GatewayProcess:
+    """`gateway run` in a subprocess on ports 0, in ``cwd`` (with its routes.yaml);
+    ready when it logs its addresses. The caller stops it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "--listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0", *extra,
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
+        if not line:
+            process.kill()
+            await process.wait()
+            raise AssertionError("gateway exited before listening")
+        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
+        if found:
+            return GatewayProcess(
+                process,
+                f"http://127.0.0.1:{found.group(1)}",
+                f"http://127.0.0.1:{found.group(2)}",
+            )
+
+
+async def stop_gateway_process(gateway: GatewayProcess) -> None:
+    if gateway.process.returncode is None:
+        gateway.process.kill()
+        await gateway.process.wait()

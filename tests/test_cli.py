@@ -13,7 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, start_gateway_process, stop_gateway_process
+
 GOOD = """
 routes:
   - prefix: /api/users
@@ -125,54 +126,27 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-async def _start_gateway(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
-    (tmp_path / "routes.yaml").write_text(GOOD)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
-        assert line, "gateway exited before listening"
-        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
-        if found:
-            return process, int(found.group(1)), int(found.group(2))
-
-
 async def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path, upstreams):
-    process, proxy_port, admin_port = await _start_gateway(tmp_path)
+    (tmp_path / "routes.yaml").write_text(GOOD)
+    gateway = await start_gateway_process(tmp_path)
     try:
         up = await upstreams("web")
         async with aiohttp.ClientSession() as session:
             async with session.post(
-                f"http://127.0.0.1:{admin_port}/registry/services/web/instances",
+                f"{gateway.admin_url}/registry/services/web/instances",
                 json={"host": "127.0.0.1", "port": up.port},
             ) as response:
                 assert response.status == 201
-            request = asyncio.ensure_future(
-                session.get(f"http://127.0.0.1:{proxy_port}/slow?delay=0.5")
-            )
+            request = asyncio.ensure_future(session.get(f"{gateway.proxy_url}/slow?delay=0.5"))
             await up.arrived.wait()
-            process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
             response = await request
             assert response.status == 200
             assert await response.text() == "slow"
             response.release()
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(gateway.process.wait(), 10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_gateway_process(gateway)
 
 
 async def test_register_sidecar_keeps_the_lease_and_deregisters_on_ctrl_c(gateway_factory):

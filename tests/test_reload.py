@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import sys
-from pathlib import Path
 
 import aiohttp
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from tests.conftest import start_gateway_process, stop_gateway_process
 
-REPO = Path(__file__).resolve().parent.parent
 FIRST = "routes:\n  - prefix: /old\n    service: web\n"
 SECOND = "routes:\n  - prefix: /new\n    service: web\n    strip_prefix: true\n"
 
@@ -72,33 +69,6 @@ async def test_reload_swaps_routes_and_keeps_registrations(tmp_path, upstreams):
         await gateway.stop()
 
 
-async def _start(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
-        assert line, "gateway exited before listening"
-        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
-        if found:
-            return (
-                process,
-                f"http://127.0.0.1:{found.group(1)}",
-                f"http://127.0.0.1:{found.group(2)}",
-            )
-
-
 async def _prefixes(session: aiohttp.ClientSession, admin: str) -> list[str]:
     async with session.get(f"{admin}/routes") as response:
         return [route["prefix"] for route in (await response.json())["routes"]]
@@ -106,7 +76,8 @@ async def _prefixes(session: aiohttp.ClientSession, admin: str) -> list[str]:
 
 async def test_sighup_and_file_change_reload_a_running_gateway(tmp_path):
     (tmp_path / "routes.yaml").write_text(FIRST)
-    process, _, admin = await _start(tmp_path)
+    gateway = await start_gateway_process(tmp_path)
+    process, admin = gateway.process, gateway.admin_url
     try:
         async with aiohttp.ClientSession() as session:
             assert await _prefixes(session, admin) == ["/old"]
@@ -128,6 +99,4 @@ async def test_sighup_and_file_change_reload_a_running_gateway(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_gateway_process(gateway)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import sys
-from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import start_gateway_process, stop_gateway_process
 
 
 async def _total(session: aiohttp.ClientSession, admin: str, code: str) -> float:
@@ -40,31 +37,9 @@ async def _settle(url: str, status: int) -> list[int]:
 
 async def test_workers_share_the_registry_and_report_their_traffic(tmp_path, upstreams):
     (tmp_path / "routes.yaml").write_text("routes:\n  - prefix: /\n    service: web\n")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stderr=asyncio.subprocess.PIPE,
-    )
+    gateway = await start_gateway_process(tmp_path, "--workers", "2")
+    process, proxy, admin = gateway.process, gateway.proxy_url, gateway.admin_url
     try:
-        assert process.stderr is not None
-        while True:
-            line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
-            assert line, "gateway exited before listening"
-            found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
-            if found:
-                proxy = f"http://127.0.0.1:{found.group(1)}"
-                admin = f"http://127.0.0.1:{found.group(2)}"
-                break
         up = await upstreams("web")
         async with aiohttp.ClientSession() as session:
             url = f"{admin}/registry/services/web/instances"
@@ -87,6 +62,4 @@ async def test_workers_share_the_registry_and_report_their_traffic(tmp_path, ups
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 15) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop_gateway_process(gateway)
