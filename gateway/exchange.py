@@ -59,6 +59,8 @@ class Exchange:
     upstream_keep_alive = False
     last_reason = "connect"
     authority: bytes | None = None  # of an absolute-form target
+    upgrade: bytes | None = None  # the protocol a WebSocket-style request asks for
+    tunnel = False  # after a 101: bytes are passed both ways as they come
 
     def __init__(
         self,
@@ -85,6 +87,8 @@ class Exchange:
         self.stats: RouteStats = proxy.metrics.unmatched
         self.has_body = head.chunked or (head.content_length not in (None, b"0"))
         self.no_body = method == b"HEAD"
+        if head.upgrade_to is not None:
+            self.upgrade = head.upgrade
 
     # -- from the client connection ------------------------------------------------
 
@@ -215,7 +219,9 @@ class Exchange:
             tried.append(instance.id)
         self.instance = instance
         proxy.registry.request_started(instance)
-        connection = proxy.pool.acquire((instance.scheme, instance.host, instance.port))
+        connection = None
+        if self.upgrade is None:  # an upgrade gets a connection of its own
+            connection = proxy.pool.acquire((instance.scheme, instance.host, instance.port))
         if connection is not None:
             self._send(connection)
         else:
@@ -335,6 +341,8 @@ class Exchange:
         except HeaderError as error:
             self.on_upstream_lost(error.message, "protocol")
             return
+        if (status == 101 or self.upgrade is not None) and self._switch(status, response):
+            return
         self.status = status
         instance = self.instance
         if instance is not None:
@@ -363,6 +371,46 @@ class Exchange:
         # Held back one step: it goes out with the first body bytes, in one write.
         self.pending = response.client_head(self.request_id, framing)
 
+    def _switch(self, status: int, response: ResponseHead) -> bool:
+        """A 101 to an upgrade request: from now on a tunnel. True when it took over."""
+        upgrade = self.upgrade
+        if status != 101:
+            self.keep_alive = False  # the client's parser stopped at the upgrade request
+            return False
+        if upgrade is None:
+            self.on_upstream_lost(
+                "101 Switching Protocols to a request that asked none", "protocol"
+            )
+            return True
+        if self.instance is not None:
+            self.proxy.outliers.succeeded(self.instance)
+        self.status = 101
+        self.tunnel = True
+        self.response_started = self.response_done = True
+        self.keep_alive = False
+        self.client.write(
+            response.client_head(
+                self.request_id, b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+            )
+        )
+        return True
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        """Bytes of the switched protocol from the upstream."""
+        self.client.write(data)
+
+    def client_tunnel_data(self, data: bytes) -> None:
+        """Bytes of the switched protocol from the client (they may come with the request)."""
+        if self.done:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+            return
+        if self.buffer is None:
+            self.buffer = []
+        self.buffer.append(data)
+
     def on_response_body(self, data: bytes) -> None:
         if self.client_chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
@@ -373,6 +421,8 @@ class Exchange:
         self.client.write(data)
 
     def on_response_complete(self) -> None:
+        if self.tunnel:
+            return  # llhttp ends the 101 message; the tunnel goes on
         pending = self.pending
         if pending is not None:
             self.pending = None
@@ -394,6 +444,10 @@ class Exchange:
     def on_upstream_lost(self, error: str, reason: str) -> None:
         self.upstream = None
         if self.done:
+            return
+        if self.tunnel:  # the upstream ended the tunnel: so does the client connection
+            self._end_attempt()
+            self._finish()
             return
         if self.response_started:
             if self.eof_body and reason == "reset" and error == "connection closed":

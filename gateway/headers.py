@@ -32,7 +32,9 @@ HOP_BY_HOP = frozenset(
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header, nothing else).
-_KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT = range(10)
+_KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(
+    11
+)
 _REQUEST_KINDS = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -42,7 +44,7 @@ _REQUEST_KINDS = {
     b"proxy-connection": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
-    b"upgrade": _DROP,
+    b"upgrade": _UPGRADE,
     b"x-forwarded-proto": _DROP,  # set by the gateway
     b"x-forwarded-host": _DROP,  # set by the gateway
     b"x-forwarded-for": _FOR,
@@ -91,6 +93,7 @@ class RequestHead:
     request_id: bytes | None = None
     forwarded_prefix: bytes | None = None
     expect_continue = False
+    upgrade_to: bytes | None = None  # Upgrade's value
 
     def __init__(self) -> None:
         self.lines: list[tuple[bytes, bytes]] = []  # (lower-cased name, "Name: value\r\n")
@@ -151,8 +154,17 @@ class RequestHead:
             self.request_id = value
         elif kind == _PREFIX:
             self.forwarded_prefix = value
+        elif kind == _UPGRADE:
+            self.upgrade_to = value
         elif kind == _EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
+
+    @property
+    def upgrade(self) -> bytes | None:
+        """The protocol asked for (``Connection: upgrade`` with ``Upgrade: websocket``)."""
+        if self.upgrade_to is None or self.named is None or b"upgrade" not in self.named:
+            return None
+        return self.upgrade_to
 
     def request_id_or_new(self) -> bytes:
         """The client's X-Request-ID if sane, else a new one."""
@@ -197,6 +209,9 @@ class RequestHead:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif self.content_length is not None:
             parts += (b"Content-Length: ", self.content_length, b"\r\n")
+        upgrade = self.upgrade
+        if upgrade is not None:  # hop-by-hop, so set again for this hop
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 

@@ -45,6 +45,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline: float | None = None
         self.idle = False
         self.closing = False  # close after the current answer (shutdown)
+        self.tunnel: Exchange | None = None  # after a 101: the client's bytes go there
         self._paused: set[str] = set()
         self._error: HeaderError | None = None
 
@@ -75,15 +76,25 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.proxy.loop.time() + listener.settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.client_tunnel_data(data)
+            return
         if self.idle:
             self.idle = False
             self.deadline = self.proxy.loop.time() + self.listener.settings.header_timeout
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol switch yet (WebSocket comes later): the upgrade request was
-            # answered as a plain one; nothing after it can be read as HTTP/1.1.
-            self._stop_reading()
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange = self.active
+            if exchange is not None and exchange.upgrade is not None and not exchange.done:
+                # What follows the upgrade request is the new protocol's: pass it on.
+                self.tunnel = exchange
+                rest = data[upgrade.args[0] :]
+                if rest:
+                    exchange.client_tunnel_data(rest)
+            else:  # nothing after an upgrade request can be read as HTTP/1.1
+                self._stop_reading()
         except httptools.HttpParserError as exc:
             error, self._error = self._error, None
             if error is None and isinstance(exc, httptools.HttpParserCallbackError):

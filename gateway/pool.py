@@ -33,6 +33,7 @@ class Owner(Protocol):
     def on_response_complete(self) -> None: ...
     def on_upstream_lost(self, error: str, reason: str) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -50,6 +51,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_feeding",
         "_release",
         "_paused",
+        "tunnel",
     )
 
     def __init__(self, pool: ConnectionPool, key: Key) -> None:
@@ -66,6 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._feeding = False
         self._release: bool | None = None  # set while feeding: release after the feed
         self._paused = False
+        self.tunnel = False  # after a 101: raw bytes both ways, never pooled
 
     # -- used by the exchange ----------------------------------------------------
 
@@ -135,8 +138,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.owner is None:
+        owner = self.owner
+        if owner is None:
             self.close()  # an idle connection has nothing to say: it is broken
+            return
+        if self.tunnel:
+            owner.on_tunnel_data(data)
             return
         head = self._head
         if head is not None:
@@ -144,6 +151,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._feeding = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # 101 Switching Protocols: from here on the bytes are the new protocol's.
+            self.tunnel = True
+            rest = data[upgrade.args[0] :]
+            if rest and self.owner is not None:
+                self.owner.on_tunnel_data(rest)
+            return
         except httptools.HttpParserError as exc:
             owner = self.owner
             self.close()
