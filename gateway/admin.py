@@ -12,6 +12,7 @@ from gateway.errors import GatewayError, error_response, to_response
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import BadPath, host_name, normalize_path
+from gateway.status import render
 from registry import api as registry_api
 from registry.runtime import RegistryRuntime
 from registry.store import Registry
@@ -55,6 +56,11 @@ async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResp
                 401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
     return await handler(request)
+
+
+async def status_page(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    return web.Response(text=render(proxy.table, proxy.registry), content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -137,6 +143,7 @@ def build_admin_app(
     app[READINESS] = readiness
     if token:
         app[TOKEN] = token
+    app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

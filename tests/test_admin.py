@@ -157,3 +157,18 @@ async def test_routes_path_that_cannot_be_normalised_is_bad_path(gateway_factory
     gw = await gateway_factory(ROUTES)
     status, body, _ = await _get(gw, "/routes?" + urlencode({"path": path}))
     _assert_error(status, body, 400, "bad_path")
+
+
+async def test_status_page_lists_routes_and_instances(gateway_factory, upstreams):
+    gw = await gateway_factory(
+        "routes:\n  - prefix: /api\n    service: api\n  - prefix: /x<y>\n    service: web\n"
+    )
+    up = await upstreams("api")
+    await gw.register("api", up)
+    async with gw.session.get(gw.admin_url + "/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        page = await response.text()
+    assert "/api" in page and f"127.0.0.1:{up.port}" in page and "healthy" in page
+    assert "/x&lt;y&gt;" in page and "<y>" not in page  # escaped
+    assert "no instances" in page  # web has none
