@@ -185,6 +185,7 @@ class GatewayMetrics:
         self._routes: dict[tuple[str, str], RouteStats] = {}
         self.unmatched = RouteStats("none", ServiceStats("none"))
         self.remote: dict[int, Any] = {}  # worker -> its latest snapshot()
+        self.registry = registry
 
         def counter(name: str, doc: str, label: str = "service") -> Counter:
             return Counter(name, doc, [label], registry=r)
@@ -241,16 +242,29 @@ class GatewayMetrics:
             "services": [
                 [s.name, s.in_flight, s.retries, s.errors] for s in self.services.values()
             ],
+            "instances": [
+                [name, i.id, i.in_flight]
+                for name in self.registry.service_names()
+                for i in self.registry.instances(name)
+                if i.in_flight
+            ],
         }
 
     def set_remote(self, worker: int, snapshot: Any) -> None:
         """A worker's latest numbers (None: it is gone)."""
         if snapshot is None:
             # Its counters stay (they must never go down); nothing of it is in flight.
-            for service in self.remote.get(worker, {}).get("services", []):
+            remote = self.remote.get(worker, {})
+            for service in remote.get("services", []):
                 service[1] = 0
+            remote["instances"] = []
         else:
             self.remote[worker] = snapshot
+        counts: dict[tuple[str, str], int] = {}
+        for each in self.remote.values():
+            for service, instance_id, n in each.get("instances", []):
+                counts[(service, instance_id)] = counts.get((service, instance_id), 0) + n
+        self.registry.set_remote_in_flight(counts)
 
     def _on_registry_event(self, event: str, service: str, instance: Instance) -> None:
         counter = {

@@ -55,7 +55,7 @@ def render(table: RouteTable, registry: Registry) -> str:
                         escape(instance.address),
                         f'<span class="{escape(instance.state)}">{escape(instance.state)}</span>',
                         f'<span class="{health}">{health}</span>',
-                        str(instance.in_flight),
+                        str(instance.in_flight + instance.remote_in_flight),
                         _expires(instance, now),
                     ]
                 )

@@ -21,7 +21,11 @@ from registry.store import Registry
 
 log = logging.getLogger("registry.feed")
 
-_FIELDS = [f.name for f in dataclasses.fields(Instance) if f.name not in ("service", "in_flight")]
+_FIELDS = [
+    f.name
+    for f in dataclasses.fields(Instance)
+    if f.name not in ("service", "in_flight", "remote_in_flight")
+]
 
 
 def _line(message: dict[str, Any]) -> bytes:

@@ -44,6 +44,7 @@ class Instance:
     ttl: float | None = None  # None: a static instance from routes.yaml, never expires
     expires_at: float | None = None
     in_flight: int = 0
+    remote_in_flight: int = 0  # requests other processes (workers) have on it
     deregister_when_idle: bool = False
 
     @property
@@ -54,6 +55,10 @@ class Instance:
     def address(self) -> str:
         """host:port as used in a Host header or URL authority."""
         return format_address(self.host, self.port)
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight + self.remote_in_flight == 0
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -70,7 +75,7 @@ class Instance:
             "weight": self.weight,
             "state": self.state,
             "health": self.health,
-            "in_flight": self.in_flight,
+            "in_flight": self.in_flight + self.remote_in_flight,
             "metadata": dict(self.metadata),
             "registered_at": rfc3339(self.registered_at),
             "last_heartbeat": rfc3339(self.last_heartbeat),

@@ -195,7 +195,7 @@ class Registry:
         service = self._services[name]
         self._changed(service)
         self._emit("updated", instance)
-        if instance.deregister_when_idle and instance.in_flight == 0:
+        if instance.deregister_when_idle and instance.idle:
             self._remove(service, instance, "deregistered")
         return instance
 
@@ -310,12 +310,23 @@ class Registry:
             return None
         return service.balancer.pick(routable, exclude)
 
+    def set_remote_in_flight(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Requests other processes have in flight, by (service, id), all of them at once.
+
+        An instance drained with deregister_when_idle goes once every process is idle.
+        """
+        for service in self._services.values():
+            for instance in list(service.instances.values()):
+                instance.remote_in_flight = counts.get((service.name, instance.id), 0)
+                if instance.deregister_when_idle and instance.idle:
+                    self._remove(service, instance, "deregistered")
+
     def request_started(self, instance: Instance) -> None:
         instance.in_flight += 1
 
     def request_finished(self, instance: Instance) -> None:
         instance.in_flight -= 1
-        if instance.in_flight == 0 and instance.deregister_when_idle:
+        if instance.deregister_when_idle and instance.idle:
             service = self._services.get(instance.service)
             if service is not None and service.instances.get(instance.id) is instance:
                 self._remove(service, instance, "deregistered")

@@ -650,3 +650,13 @@ def test_in_flight_counts(registry: Registry) -> None:
     registry.request_finished(a)
     assert a.in_flight == 1
     assert registry.get("users", a.id).to_dict()["in_flight"] == 1
+
+
+def test_drain_waits_for_requests_in_other_processes(registry: Registry) -> None:
+    a, _ = registry.register("users", body(port=9000))
+    registry.set_remote_in_flight({("users", a.id): 2})  # a worker has two on it
+    assert a.to_dict()["in_flight"] == 2
+    registry.update("users", a.id, {"state": "draining", "deregister_when_idle": True})
+    assert registry.instances("users") == [a]  # still busy elsewhere
+    registry.set_remote_in_flight({})  # the worker reports it idle
+    assert registry.instances("users") == []
