@@ -117,6 +117,10 @@ class Exchange:
                 return
         if self.head.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._to_upstream(data)
+
+    def _to_upstream(self, data: bytes) -> None:
+        """Straight to the upstream, or held until one takes the request."""
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
@@ -401,15 +405,8 @@ class Exchange:
 
     def client_tunnel_data(self, data: bytes) -> None:
         """Bytes of the switched protocol from the client (they may come with the request)."""
-        if self.done:
-            return
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.write(data)
-            return
-        if self.buffer is None:
-            self.buffer = []
-        self.buffer.append(data)
+        if not self.done:
+            self._to_upstream(data)
 
     def on_response_body(self, data: bytes) -> None:
         if self.client_chunked:
