@@ -17,7 +17,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.errors import error_bytes
-from gateway.headers import HeaderError, RequestHead, ResponseHead, sane_request_id
+from gateway.headers import (
+    HeaderError,
+    RequestHead,
+    ResponseHead,
+    new_request_id,
+    sane_request_id,
+)
 from gateway.metrics import RouteStats, ServiceStats
 from gateway.pool import UpstreamConnection
 
@@ -81,7 +87,9 @@ class Exchange:
         self.keep_alive = keep_alive
         self.started = proxy.loop.time()
         request_id = head.request_id
-        if request_id is None or head.named is not None or not sane_request_id(request_id):
+        if request_id is None:
+            request_id = new_request_id()
+        elif head.named is not None or not sane_request_id(request_id):
             request_id = head.request_id_or_new()
         self.request_id = request_id
         self.stats: RouteStats = proxy.metrics.unmatched

@@ -209,7 +209,7 @@ class RequestHead:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif self.content_length is not None:
             parts += (b"Content-Length: ", self.content_length, b"\r\n")
-        upgrade = self.upgrade
+        upgrade = self.upgrade if self.upgrade_to is not None else None
         if upgrade is not None:  # hop-by-hop, so set again for this hop
             parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
         parts.append(b"\r\n")
