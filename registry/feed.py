@@ -10,22 +10,15 @@ worker's traffic.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from registry.models import Instance
+from registry.models import REGISTRATION_FIELDS, Instance
 from registry.store import Registry
 
 log = logging.getLogger("registry.feed")
-
-_FIELDS = [
-    f.name
-    for f in dataclasses.fields(Instance)
-    if f.name not in ("service", "in_flight", "remote_in_flight")
-]
 
 
 def _line(message: dict[str, Any]) -> bytes:
@@ -33,7 +26,7 @@ def _line(message: dict[str, Any]) -> bytes:
 
 
 def _put(instance: Instance) -> bytes:
-    fields = {name: getattr(instance, name) for name in _FIELDS}
+    fields = {name: getattr(instance, name) for name in REGISTRATION_FIELDS}
     return _line({"op": "put", "service": instance.service, "instance": fields})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,6 +81,13 @@ class Instance:
             "last_heartbeat": rfc3339(self.last_heartbeat),
             "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
         }
+
+
+# An instance's registration, as a snapshot saves it and a worker's mirror takes it:
+# every field but the service (the key) and the counts of requests in flight.
+REGISTRATION_FIELDS = tuple(
+    f.name for f in fields(Instance) if f.name not in ("service", "in_flight", "remote_in_flight")
+)
 
 
 def rfc3339(timestamp: float) -> str:

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from registry.feed import _FIELDS
 from registry.models import (
+    REGISTRATION_FIELDS,
     Instance,
     InvalidField,
     validate_host,
@@ -124,13 +124,15 @@ FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
 def _instance_fields(raw: object, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Unreadable(f"{where} must be an object")
-    missing = [name for name in _FIELDS if name not in raw]
+    missing = [name for name in REGISTRATION_FIELDS if name not in raw]
     if missing:
         raise _Unreadable(f"{where} lacks {', '.join(missing)}")
-    unknown = sorted(str(key) for key in raw if key not in _FIELDS)
+    unknown = sorted(str(key) for key in raw if key not in REGISTRATION_FIELDS)
     if unknown:
         raise _Unreadable(f"{where} has unknown field(s) {', '.join(unknown)}")
-    fields = {name: FIELD_CHECKS[name](raw[name], f"{where}.{name}") for name in _FIELDS}
+    fields = {
+        name: FIELD_CHECKS[name](raw[name], f"{where}.{name}") for name in REGISTRATION_FIELDS
+    }
     if fields["registered_at"] > fields["last_heartbeat"]:
         raise _Unreadable(f"{where}: registered_at is after last_heartbeat")
     if fields["expires_at"] > fields["last_heartbeat"] + fields["ttl"] + 1e-3:
@@ -291,7 +293,7 @@ def _document(registry: Registry) -> dict[str, Any]:
         # In registry order, so a restored service round-robins in the same order.
         leased = [i for i in registry.instances(name) if i.ttl is not None]
         if leased:
-            services[name] = [{f: getattr(i, f) for f in _FIELDS} for i in leased]
+            services[name] = [{f: getattr(i, f) for f in REGISTRATION_FIELDS} for i in leased]
     return {"version": VERSION, "saved_at": registry.clock(), "services": services}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from registry.feed import _FIELDS
+from registry.models import REGISTRATION_FIELDS as _FIELDS
 from registry.snapshot import FIELD_CHECKS, SnapshotWriter, load_snapshot
 from registry.store import Registry
 from tests.fakes import FakeClock
