@@ -104,21 +104,17 @@ async def routes(request: web.Request) -> web.Response:
                 }
             }
         )
-    now = registry.clock()
     listed = []
     for route in proxy.table.routes:
-        try:
-            instances = registry.instances(route.service)
-        except LookupError:
-            instances = []
+        instances, healthy = registry.counts(route.service)
         listed.append(
             {
                 "host": route.host,
                 "prefix": route.prefix,
                 "service": route.service,
                 "strip_prefix": route.strip_prefix,
-                "instances": len(instances),
-                "healthy": sum(1 for i in instances if i.routable(now)),
+                "instances": instances,
+                "healthy": healthy,
             }
         )
     return web.json_response({"routes": listed})

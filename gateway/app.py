@@ -93,11 +93,7 @@ class Gateway:
         self.registry = Registry(
             clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
         )
-        for route in config.routes:
-            self.registry.declare(route.service)
-        for name, service in config.services.items():
-            self.registry.declare(name)
-            self.registry.set_static(name, service.instances)
+        self._apply_services(config, previous=None)
         snapshot = config.registry.snapshot
         if snapshot is not None:
             load_snapshot(self.registry, snapshot)  # before anyone listens to the registry
@@ -160,6 +156,18 @@ class Gateway:
             await self.stop()
             raise
 
+    def _apply_services(self, config: Config, previous: Config | None) -> None:
+        """Make the config's services known and its static instances registered; static
+        instances of services the previous config had and this one drops go."""
+        for route in config.routes:
+            self.registry.declare(route.service)
+        for name, service in config.services.items():
+            self.registry.declare(name)
+            self.registry.set_static(name, service.instances)
+        if previous is not None:
+            for name in set(previous.services) - set(config.services):
+                self.registry.set_static(name, ())
+
     def reload(self) -> bool:
         """Load the config file again; a valid one replaces the routing table atomically.
 
@@ -178,14 +186,7 @@ class Gateway:
             return False
         if (config.listen, config.admin.listen) != (self.config.listen, self.config.admin.listen):
             log.warning("reload: listen addresses changed in %s; that needs a restart", path)
-        old_static = {name for name, s in self.config.services.items() if s.instances}
-        for route in config.routes:
-            self.registry.declare(route.service)
-        for name, service in config.services.items():
-            self.registry.declare(name)
-            self.registry.set_static(name, service.instances)
-        for name in old_static - set(config.services):
-            self.registry.set_static(name, ())
+        self._apply_services(config, previous=self.config)
         self.config = config
         self.health.configure(_checks(config))
         if self.proxy is not None:

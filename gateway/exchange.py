@@ -158,18 +158,14 @@ class Exchange:
         """The client disconnected: cancel the upstream request."""
         if self.done:
             return
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.close()
+        self._drop_upstream()
         self._complete(CLIENT_CLOSED if not self.response_done else self.status)
 
     def client_malformed(self, status: int, code: str, message: str) -> None:
         """The rest of the request broke the framing rules: cut the upstream off."""
         if self.done:
             return
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.close()
+        self._drop_upstream()
         self._end_attempt()
         if self.response_started:
             self.client.abort()
@@ -330,6 +326,12 @@ class Exchange:
                 f"the connection to {service!r} broke before a full response head",
             )
 
+    def _drop_upstream(self) -> None:
+        """Close the upstream connection: whatever it was doing is abandoned."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
+
     def _end_attempt(self) -> None:
         instance = self.instance
         if instance is not None:
@@ -338,9 +340,7 @@ class Exchange:
             self.proxy.registry.request_finished(instance)
 
     def _too_large(self, route: RouteConfig) -> None:
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.close()
+        self._drop_upstream()
         self._end_attempt()
         self.fail(413, "payload_too_large", f"body over {route.max_body} bytes for this route")
 
@@ -481,9 +481,7 @@ class Exchange:
 
     def timed_out(self) -> None:
         """No response head within the route's timeout (called by the listener's ticker)."""
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            upstream.close()
+        self._drop_upstream()
         self._attempt_failed("no response head in time", "timeout")
 
     # -- the end ---------------------------------------------------------------------------

@@ -189,10 +189,7 @@ class RequestHead:
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         if host is not None:
             parts += (b"Host: ", host, b"\r\n")
-        if self.named is None:
-            parts += [line for _, line in self.lines]
-        else:
-            parts += self.kept_lines()
+        parts += self.kept_lines()
         if self.forwarded_for and b"x-forwarded-for" not in named:
             parts += (b"X-Forwarded-For: ", b", ".join(self.forwarded_for), b", ", client_ip)
         else:

@@ -92,12 +92,10 @@ async def deregister(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    now = registry.clock()
     services = []
     for name in registry.service_names():
-        instances = registry.instances(name)
-        healthy = sum(1 for i in instances if i.routable(now))
-        services.append({"name": name, "instances": len(instances), "healthy": healthy})
+        instances, healthy = registry.counts(name)
+        services.append({"name": name, "instances": instances, "healthy": healthy})
     return _json({"services": services}, index=registry.index)
 
 

@@ -249,6 +249,14 @@ class Registry:
         self.expire()
         return list(service.instances.values())
 
+    def counts(self, name: str) -> tuple[int, int]:
+        """(instances, routable ones) of a service; (0, 0) for one never seen."""
+        if name not in self._services:
+            return 0, 0
+        now = self.clock()
+        instances = self.instances(name)
+        return len(instances), sum(1 for i in instances if i.routable(now))
+
     def service_index(self, name: str) -> int:
         service = self._services.get(name)
         if service is None:
