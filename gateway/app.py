@@ -15,11 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import build_admin_app
-from gateway.config import Config, ConfigError, HealthCheckConfig, OutlierConfig, load_config
+from gateway.config import Config, ConfigError, HealthCheckConfig, load_config
 from gateway.health import HealthChecker
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
-from gateway.outliers import Outliers
+from gateway.outliers import Outliers, outlier_configs
 from gateway.proxy import Proxy
 from gateway.reload import FileWatcher
 from gateway.routing import RouteTable
@@ -57,10 +57,6 @@ def admin_token(config: Config) -> str | None:
 def _checks(config: Config) -> dict[str, HealthCheckConfig]:
     """The active health checks the config asks for, by service."""
     return {name: s.health_check for name, s in config.services.items() if s.health_check}
-
-
-def _outlier_configs(config: Config) -> dict[str, OutlierConfig]:
-    return {name: s.outlier for name, s in config.services.items()}
 
 
 class Gateway:
@@ -114,7 +110,7 @@ class Gateway:
             RouteTable(self.config.routes),
             self.registry,
             self.metrics,
-            Outliers(self.registry, _outlier_configs(self.config)),
+            Outliers(self.registry, outlier_configs(self.config)),
         )
         admin_app = build_admin_app(
             self.proxy, self.registry, self.runtime, self.metrics, self.token, self.readiness
@@ -191,7 +187,7 @@ class Gateway:
         self.health.configure(_checks(config))
         if self.proxy is not None:
             self.proxy.table = RouteTable(config.routes)
-            self.proxy.outliers.configs = _outlier_configs(config)
+            self.proxy.outliers.configs = outlier_configs(config)
         if self._listener is not None:
             self._listener.settings = config.proxy
         if self._workers is not None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-from gateway.config import OutlierConfig
+from gateway.config import Config, OutlierConfig
 from registry.models import Instance
 from registry.store import Registry, UnknownInstance
 
@@ -22,6 +22,11 @@ log = logging.getLogger("gateway.outliers")
 
 DEFAULT = OutlierConfig()
 MAX_EJECTION = 3600.0
+
+
+def outlier_configs(config: Config) -> dict[str, OutlierConfig]:
+    """The passive health settings of each configured service (others use the defaults)."""
+    return {name: service.outlier for name, service in config.services.items()}
 
 
 class Outliers:

@@ -19,6 +19,7 @@ import time
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
+from gateway.outliers import Outliers, outlier_configs
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from registry.feed import RegistryFeed, follow, stats_line
@@ -93,7 +94,9 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
     )
     metrics = GatewayMetrics(registry)
-    proxy = Proxy(RouteTable(config.routes), registry, metrics)
+    proxy = Proxy(
+        RouteTable(config.routes), registry, metrics, Outliers(registry, outlier_configs(config))
+    )
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=feed_fd))
     ready = asyncio.Event()
     following = asyncio.create_task(follow(registry, reader, ready))
@@ -118,6 +121,7 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
             return
         if fresh is not None:
             proxy.table = RouteTable(fresh.routes)
+            proxy.outliers.configs = outlier_configs(fresh)
             listener.settings = fresh.proxy
 
     loop.add_signal_handler(signal.SIGHUP, reload)
