@@ -17,13 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.errors import error_bytes
-from gateway.headers import (
-    HeaderError,
-    RequestHead,
-    ResponseHead,
-    new_request_id,
-    sane_request_id,
-)
+from gateway.headers import HeaderError, RequestHead, ResponseHead
 from gateway.metrics import RouteStats, ServiceStats
 from gateway.pool import UpstreamConnection
 
@@ -86,12 +80,7 @@ class Exchange:
         self.http11 = http11
         self.keep_alive = keep_alive
         self.started = proxy.loop.time()
-        request_id = head.request_id
-        if request_id is None:
-            request_id = new_request_id()
-        elif head.named is not None or not sane_request_id(request_id):
-            request_id = head.request_id_or_new()
-        self.request_id = request_id
+        self.request_id = head.request_id_or_new()
         self.stats: RouteStats = proxy.metrics.unmatched
         self.has_body = head.chunked or (head.content_length not in (None, b"0"))
         self.no_body = method == b"HEAD"
