@@ -107,7 +107,7 @@ class _RequestCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         routes: dict[tuple[str, str], list[Any]] = {}  # -> [counts, buckets, sum, count]
         services: dict[str, list[Any]] = {}  # -> [in_flight, retries, errors]
-        for snapshot in [self._metrics.snapshot(), *self._metrics.remote.values()]:
+        for snapshot in [self._metrics.request_numbers(), *self._metrics.remote.values()]:
             for route, service, counts, buckets, total, count in snapshot["routes"]:
                 merged = routes.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0])
                 for method, code, n in counts:
@@ -226,6 +226,18 @@ class GatewayMetrics:
             yield self.unmatched
 
     def snapshot(self) -> dict[str, Any]:
+        """What a worker reports: its request numbers and its requests in flight."""
+        return {
+            **self.request_numbers(),
+            "instances": [
+                [name, i.id, i.in_flight]
+                for name in self.registry.service_names()
+                for i in self.registry.instances(name)
+                if i.in_flight
+            ],
+        }
+
+    def request_numbers(self) -> dict[str, Any]:
         """This process's request numbers, as plain data (JSON-able)."""
         return {
             "routes": [
@@ -241,12 +253,6 @@ class GatewayMetrics:
             ],
             "services": [
                 [s.name, s.in_flight, s.retries, s.errors] for s in self.services.values()
-            ],
-            "instances": [
-                [name, i.id, i.in_flight]
-                for name in self.registry.service_names()
-                for i in self.registry.instances(name)
-                if i.in_flight
             ],
         }
 

@@ -302,9 +302,7 @@ class Registry:
         service = self._services.get(name)
         if service is None:
             return None
-        routable = service.routable
-        if routable is None or self.clock() >= service.valid_until:
-            routable = service.routable_at(self.clock())
+        routable = service.routable_at(self.clock())
         if not routable:
             return None
         if service.uniform:
