@@ -61,6 +61,7 @@ class Exchange:
     authority: bytes | None = None  # of an absolute-form target
     upgrade: bytes | None = None  # the protocol a WebSocket-style request asks for
     tunnel = False  # after a 101: bytes are passed both ways as they come
+    unchecked = False  # sent on a pooled connection not checked for a close by the upstream
 
     def __init__(
         self,
@@ -218,11 +219,27 @@ class Exchange:
         proxy.registry.request_started(instance)
         connection = None
         if self.upgrade is None:  # an upgrade gets a connection of its own
-            connection = proxy.pool.acquire((instance.scheme, instance.host, instance.port))
+            # A request that can go again unseen skips the check for a dead pooled
+            # connection (a syscall): if it was dead, _resend sends it once more.
+            check = self.has_body or self.method not in IDEMPOTENT
+            connection = proxy.pool.acquire(instance.pool_key, check)
+            self.unchecked = connection is not None and not check
         if connection is not None:
             self._send(connection)
         else:
             proxy.loop.create_task(self._connect(instance, route))
+
+    def _resend(self) -> None:
+        """The unchecked pooled connection was dead: the same request, same instance, on a
+        checked or new connection. Not a retry: the upstream never saw the request."""
+        instance, route = self.instance, self.route
+        assert instance is not None and route is not None
+        self.unchecked = False
+        connection = self.proxy.pool.acquire(instance.pool_key, True)
+        if connection is not None:
+            self._send(connection)
+        else:
+            self.proxy.loop.create_task(self._connect(instance, route))
 
     async def _connect(self, instance: Instance, route: RouteConfig) -> None:
         try:
@@ -245,7 +262,7 @@ class Exchange:
         elif route.preserve_host and self.authority is not None:
             host = self.authority  # an absolute-form target's authority is the Host
         else:
-            host = instance.address.encode()
+            host = instance.host_header
         connection.start(
             self,
             head.upstream_head(
@@ -458,6 +475,9 @@ class Exchange:
                 self.pending = None
             self.client.abort()
             self._complete(self.status)
+            return
+        if self.unchecked and reason == "reset":
+            self._resend()  # a pooled connection the upstream had closed
             return
         self._attempt_failed(error, reason)
 

@@ -51,6 +51,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_feeding",
         "_release",
         "_paused",
+        "_fd",
         "tunnel",
     )
 
@@ -68,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._feeding = False
         self._release: bool | None = None  # set while feeding: release after the feed
         self._paused = False
+        self._fd = -1  # the socket's, for alive()
         self.tunnel = False  # after a 101: raw bytes both ways, never pooled
 
     # -- used by the exchange ----------------------------------------------------
@@ -103,12 +105,10 @@ class UpstreamConnection(asyncio.Protocol):
         done. uvloop owns the socket; reading it here is safe because it is closed
         at once in both of those cases.
         """
-        transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
+        if self._fd < 0:
             return not self.closed
         try:
-            os.read(sock.fileno(), 1)
+            os.read(self._fd, 1)
         except BlockingIOError:
             return True
         except OSError:
@@ -136,6 +136,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -230,16 +232,21 @@ class ConnectionPool:
         self._ssl: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def acquire(self, key: Key) -> UpstreamConnection | None:
+    def acquire(self, key: Key, check: bool) -> UpstreamConnection | None:
+        """An idle connection to ``key``, or None. With ``check``, one idle longer than
+        CHECK_AFTER is first checked for a close by the upstream: a request that cannot
+        simply go again (a body, a non-idempotent method) must not be sent on a dead one.
+        Without it the caller resends on a fresh connection if this one turns out dead."""
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             if connection.closed:
                 continue
-            loop = self._loop or asyncio.get_running_loop()
-            if loop.time() - connection.idle_since > CHECK_AFTER and not connection.alive():
-                connection.close()  # the upstream closed it while it waited: never use it
-                continue
+            if check:
+                loop = self._loop or asyncio.get_running_loop()
+                if loop.time() - connection.idle_since > CHECK_AFTER and not connection.alive():
+                    connection.close()  # the upstream closed it while it waited
+                    continue
             return connection
         return None
 

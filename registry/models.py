@@ -47,6 +47,14 @@ class Instance:
     remote_in_flight: int = 0  # requests other processes (workers) have on it
     deregister_when_idle: bool = False
 
+    def __post_init__(self) -> None:
+        self.readdress()
+
+    def readdress(self) -> None:
+        """Derive what the data plane uses per request; call after host, port or scheme change."""
+        self.pool_key = (self.scheme, self.host, self.port)
+        self.host_header = format_address(self.host, self.port).encode()
+
     @property
     def static(self) -> bool:
         return self.ttl is None

@@ -166,6 +166,7 @@ class Registry:
             instance.host, instance.port = host, port
             instance.state, instance.deregister_when_idle = "up", False
         instance.scheme, instance.weight, instance.metadata = scheme, weight, metadata
+        instance.readdress()
         instance.last_heartbeat = now
         if existing is None or not existing.static:
             instance.ttl, instance.expires_at = ttl, now + ttl
@@ -217,6 +218,7 @@ class Registry:
         else:
             for key, value in fields.items():
                 setattr(existing, key, value)  # in place: requests in flight hold it
+            existing.readdress()
         self._changed(service)
 
     def unmirror(self, name: str, instance_id: str) -> None:

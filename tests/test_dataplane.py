@@ -381,11 +381,9 @@ async def test_connections_over_the_limit_get_503_overloaded(gateway_factory, ra
         await writer.wait_closed()
 
 
-async def test_upstream_closing_idle_connections_fails_no_request(gateway_factory):
-    """An upstream that closes keep-alive connections 1 ms after each answer: every POST
-    still arrives exactly once (a pooled connection is checked before it is reused)."""
-    gw = await gateway_factory(ROUTES)
-    received: list[bytes] = []
+def _impatient_upstream(received: list[bytes]):
+    """A raw upstream that closes a keep-alive connection after 1 ms idle, like a short
+    keep-alive timeout; it records each request's body (or path, when there is none)."""
 
     async def impatient(reader, writer):
         first = True
@@ -394,17 +392,28 @@ async def test_upstream_closing_idle_connections_fails_no_request(gateway_factor
                 async with asyncio.timeout(None if first else 0.001):
                     head = await reader.readuntil(b"\r\n\r\n")
             except TimeoutError:
-                writer.close()  # idle for 1 ms: closed, like a short keep-alive timeout
+                writer.close()
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             first = False
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            received.append(await reader.readexactly(length))
+            if b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                received.append(await reader.readexactly(length))
+            else:
+                received.append(head.split(b" ")[1].lstrip(b"/"))
             writer.write(_ok(b"ok"))
             await writer.drain()
 
-    server = await start_raw_server(impatient)
+    return impatient
+
+
+async def test_upstream_closing_idle_connections_fails_no_request(gateway_factory):
+    """An upstream that closes keep-alive connections 1 ms after each answer: every POST
+    still arrives exactly once (a pooled connection is checked before it is reused)."""
+    gw = await gateway_factory(ROUTES)
+    received: list[bytes] = []
+    server = await start_raw_server(_impatient_upstream(received))
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         statuses = []
@@ -414,5 +423,29 @@ async def test_upstream_closing_idle_connections_fails_no_request(gateway_factor
             await asyncio.sleep(0.001 * (i % 3))
         assert statuses == [200] * 60
         assert sorted(received, key=int) == [b"%d" % i for i in range(60)]  # once each
+    finally:
+        await stop_raw_server(server)
+
+
+async def test_get_on_a_pooled_connection_the_upstream_closed_goes_again_unseen(
+    gateway_factory,
+):
+    """GETs reuse pooled connections unchecked; when the upstream had closed one, the
+    request goes once more on a fresh connection to the same instance: every GET is
+    answered 200, each reaches the upstream once, and none counts as a retry."""
+    gw = await gateway_factory(ROUTES)
+    received: list[bytes] = []
+    server = await start_raw_server(_impatient_upstream(received))
+    try:
+        await _register(gw, server.sockets[0].getsockname()[1])
+        statuses = []
+        for i in range(60):
+            async with gw.session.get(gw.proxy_url + f"/{i}") as response:
+                statuses.append(response.status)
+            await asyncio.sleep(0.001 * (i % 3))
+        assert statuses == [200] * 60
+        assert sorted(received, key=int) == [b"%d" % i for i in range(60)]  # once each
+        service = gw.gateway.metrics.services["web"]
+        assert (service.retries, dict(service.errors)) == (0, dict.fromkeys(service.errors, 0))
     finally:
         await stop_raw_server(server)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from registry.models import InvalidField
+from registry.models import REGISTRATION_FIELDS, InvalidField
 from registry.store import Registry, UnknownInstance, UnknownService
 from tests.fakes import FakeClock
 
@@ -73,6 +73,17 @@ def test_reregister_same_address_updates_in_place(registry: Registry, clock: Fak
     assert second.in_flight == 1
     assert second.expires_at == clock.now + 60
     assert registry.instances("users") == [first]
+
+
+def test_reregister_with_an_id_moves_the_address_the_data_plane_uses(
+    registry: Registry,
+) -> None:
+    first, _ = registry.register("users", body(id="users-1"))
+    assert (first.pool_key, first.host_header) == (("http", "10.0.0.5", 9000), b"10.0.0.5:9000")
+    registry.register("users", body(id="users-1", host="::1", port=9100, scheme="https"))
+    assert (first.pool_key, first.host_header) == (("https", "::1", 9100), b"[::1]:9100")
+    registry.mirror("users", {**{f: getattr(first, f) for f in REGISTRATION_FIELDS}, "port": 9200})
+    assert (first.pool_key, first.host_header) == (("https", "::1", 9200), b"[::1]:9200")
 
 
 def test_reregister_revives_a_draining_instance(registry: Registry) -> None:
