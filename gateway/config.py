@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +84,10 @@ class RouteConfig:
     retries: int = 2
     max_body: int | None = None
     line: int = 0
+
+    @cached_property
+    def prefix_bytes(self) -> bytes:
+        return self.prefix.encode()
 
 
 @dataclass(frozen=True)

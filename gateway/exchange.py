@@ -92,11 +92,28 @@ class Exchange:
 
     def start(self) -> None:
         """The request head is in: route it and send it to an instance."""
+        method, url, head = self.method, self.url, self.head
         try:
-            route, self.target, stats = self._resolve()
+            if method == b"CONNECT":
+                raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
+            if head.host is None and self.http11:
+                raise HeaderError(400, "bad_request", "malformed request: no Host header")
+            if url[:1] == b"/":
+                raw_path, _, query = url.partition(b"?")
+                host = head.host
+            else:
+                raw_path, query, host = self.proxy.absolute_form(url)
+                self.authority = host
+            route, target, stats = self.proxy.resolve(host, raw_path)
+            length = head.content_length
+            if length is not None and route.max_body is not None and int(length) > route.max_body:
+                raise HeaderError(
+                    413, "payload_too_large", f"body over {route.max_body} bytes for this route"
+                )
         except HeaderError as error:
             self.fail(error.status, error.code, error.message)
             return
+        self.target = target + b"?" + query if query else target
         self.route = route
         self.stats = stats
         self.service = service = stats.service
@@ -171,27 +188,7 @@ class Exchange:
             else:
                 self.upstream.pause_reading()
 
-    # -- routing and attempts ----------------------------------------------------------
-
-    def _resolve(self) -> tuple[RouteConfig, bytes, RouteStats]:
-        method, url, head = self.method, self.url, self.head
-        if method == b"CONNECT":
-            raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
-        if self.http11 and head.host is None:
-            raise HeaderError(400, "bad_request", "malformed request: no Host header")
-        if url[:1] == b"/":
-            raw_path, _, query = url.partition(b"?")
-            host = head.host
-        else:
-            raw_path, query, host = self.proxy.absolute_form(url)
-            self.authority = host
-        route, target, stats = self.proxy.resolve(host, raw_path)
-        length = head.content_length
-        if route.max_body is not None and length is not None and int(length) > route.max_body:
-            raise HeaderError(
-                413, "payload_too_large", f"body over {route.max_body} bytes for this route"
-            )
-        return route, (target + b"?" + query if query else target), stats
+    # -- attempts ----------------------------------------------------------------------
 
     def _attempt(self) -> None:
         route = self.route
@@ -271,7 +268,7 @@ class Exchange:
                 client_ip=self.client.peer_ip,
                 request_id=self.request_id,
                 host_override=host,
-                forwarded_prefix=route.prefix.encode() if route.strip_prefix else None,
+                forwarded_prefix=route.prefix_bytes if route.strip_prefix else None,
             ),
             self.no_body,
         )

@@ -31,7 +31,7 @@ HOP_BY_HOP = frozenset(
 # Tokens of Connection that name no header to remove.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
-# How a request header is handled (a dict lookup per header, nothing else).
+# How a request header is handled (a dict lookup per header; absent: kept as it is).
 _KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(
     11
 )
@@ -96,16 +96,8 @@ class RequestHead:
     upgrade_to: bytes | None = None  # Upgrade's value
 
     def __init__(self) -> None:
-        self.lines: list[tuple[bytes, bytes]] = []  # (lower-cased name, "Name: value\r\n")
+        self.lines: list[bytes] = []  # kept headers, each "Name: value\r\n"
         self.size = 0
-
-    def _size(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 4
-        if size > MAX_FIELD:
-            raise HeaderError(431, "headers_too_large", "a header over the 8 KiB limit")
-        self.size += size
-        if self.size > MAX_TOTAL:
-            raise HeaderError(431, "headers_too_large", "headers over the 64 KiB limit")
 
     def _connection(self, value: bytes) -> None:
         tokens = {t.strip().lower() for t in value.split(b",")}
@@ -126,15 +118,18 @@ class RequestHead:
     def kept_lines(self) -> list[bytes]:
         named = self.named
         if named is None:
-            return [line for _, line in self.lines]
-        return [line for lname, line in self.lines if lname not in named]
+            return self.lines
+        return [line for line in self.lines if line.partition(b":")[0].lower() not in named]
 
     def add(self, name: bytes, value: bytes) -> None:
-        self._size(name, value)
-        lname = name.lower()
-        kind = _REQUEST_KINDS.get(lname, _KEEP)
-        if kind == _KEEP:
-            self.lines.append((lname, name + b": " + value + b"\r\n"))
+        size = len(name) + len(value) + 4
+        total = self.size = self.size + size
+        if size > MAX_FIELD or total > MAX_TOTAL:
+            which = "a header over the 8" if size > MAX_FIELD else "headers over the 64"
+            raise HeaderError(431, "headers_too_large", which + " KiB limit")
+        kind = _REQUEST_KINDS.get(name.lower())
+        if kind is None:
+            self.lines.append(name + b": " + value + b"\r\n")
         elif kind == _HOST:
             if self.host is not None:
                 raise HeaderError(400, "bad_request", "malformed request: two Host headers")
@@ -186,34 +181,33 @@ class RequestHead:
         """The request head to send upstream: kept headers plus the gateway's own."""
         named = self.named or ()
         host = host_override if host_override is not None else self.host
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        if host is not None:
-            parts += (b"Host: ", host, b"\r\n")
-        parts += self.kept_lines()
+        client_host = self.host
+        lines = self.lines if self.named is None else self.kept_lines()
         if self.forwarded_for and b"x-forwarded-for" not in named:
-            parts += (b"X-Forwarded-For: ", b", ".join(self.forwarded_for), b", ", client_ip)
-        else:
-            parts += (b"X-Forwarded-For: ", client_ip)
-        parts.append(b"\r\nX-Forwarded-Proto: http\r\n")
-        if self.host is not None:
-            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        parts += (b"X-Request-ID: ", request_id, b"\r\n")
+            client_ip = b", ".join(self.forwarded_for) + b", " + client_ip
+        head = b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % (
+            method,
+            target,
+            b"" if host is None else b"Host: " + host + b"\r\n",
+            b"".join(lines),
+            client_ip,
+        )
+        if client_host is not None:
+            head += b"X-Forwarded-Host: " + client_host + b"\r\n"
+        head += b"X-Request-ID: " + request_id + b"\r\n"
         if forwarded_prefix is not None:
-            parts += (b"X-Forwarded-Prefix: ", forwarded_prefix, b"\r\n")
+            head += b"X-Forwarded-Prefix: " + forwarded_prefix + b"\r\n"
         elif self.forwarded_prefix is not None and b"x-forwarded-prefix" not in named:
-            parts += (b"X-Forwarded-Prefix: ", self.forwarded_prefix, b"\r\n")
+            head += b"X-Forwarded-Prefix: " + self.forwarded_prefix + b"\r\n"
         if self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            head += b"Transfer-Encoding: chunked\r\n"
         elif self.content_length is not None:
-            parts += (b"Content-Length: ", self.content_length, b"\r\n")
-        upgrade = self.upgrade if self.upgrade_to is not None else None
-        if upgrade is not None:  # hop-by-hop, so set again for this hop
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            head += b"Content-Length: " + self.content_length + b"\r\n"
+        if self.upgrade_to is not None and self.upgrade is not None:  # hop-by-hop: set anew
+            head += b"Connection: Upgrade\r\nUpgrade: " + self.upgrade_to + b"\r\n"
+        return head + b"\r\n"
 
 
-# Response header lines the gateway takes out (and reads) before passing the head on.
 # Response header lines the gateway takes out (and reads) before passing the head on.
 # Groups: 1 Content-Length (kept), 2 Transfer-Encoding, 3 Connection, 4 the value.
 # Matched on the lower-cased head (same length, so positions hold for the raw one);
