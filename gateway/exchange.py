@@ -98,8 +98,8 @@ class Exchange:
                 raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
             if head.host is None and self.http11:
                 raise HeaderError(400, "bad_request", "malformed request: no Host header")
-            if url[:1] == b"/":
-                raw_path, _, query = url.partition(b"?")
+            if url.startswith(b"/"):
+                raw_path, _, query = url.partition(b"?") if b"?" in url else (url, b"", b"")
                 host = head.host
             else:
                 raw_path, query, host = self.proxy.absolute_form(url)

@@ -69,13 +69,14 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
 
 
-_ID_PREFIX = os.urandom(8).hex().encode()
+# 32 hex digits: 64 random bits (the top one set, so the width never changes), then a counter.
+_ID_BASE = (int.from_bytes(os.urandom(8)) | 1 << 63) << 64
 _id_counter = itertools.count(1)
 
 
 def new_request_id() -> bytes:
     """Unique per process and across processes: a random prefix and a counter."""
-    return b"%s%016x" % (_ID_PREFIX, next(_id_counter))
+    return b"%x" % (_ID_BASE + next(_id_counter))
 
 
 class RequestHead:
@@ -181,31 +182,49 @@ class RequestHead:
         """The request head to send upstream: kept headers plus the gateway's own."""
         named = self.named or ()
         host = host_override if host_override is not None else self.host
-        client_host = self.host
-        lines = self.lines if self.named is None else self.kept_lines()
+        lines = b"".join(self.lines if self.named is None else self.kept_lines())
         if self.forwarded_for and b"x-forwarded-for" not in named:
             client_ip = b", ".join(self.forwarded_for) + b", " + client_ip
-        head = b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n" % (
-            method,
-            target,
-            b"" if host is None else b"Host: " + host + b"\r\n",
-            b"".join(lines),
-            client_ip,
-        )
-        if client_host is not None:
-            head += b"X-Forwarded-Host: " + client_host + b"\r\n"
-        head += b"X-Request-ID: " + request_id + b"\r\n"
+        extra = b""
         if forwarded_prefix is not None:
-            head += b"X-Forwarded-Prefix: " + forwarded_prefix + b"\r\n"
+            extra += b"X-Forwarded-Prefix: " + forwarded_prefix + b"\r\n"
         elif self.forwarded_prefix is not None and b"x-forwarded-prefix" not in named:
-            head += b"X-Forwarded-Prefix: " + self.forwarded_prefix + b"\r\n"
+            extra += b"X-Forwarded-Prefix: " + self.forwarded_prefix + b"\r\n"
         if self.chunked:
-            head += b"Transfer-Encoding: chunked\r\n"
+            extra += b"Transfer-Encoding: chunked\r\n"
         elif self.content_length is not None:
-            head += b"Content-Length: " + self.content_length + b"\r\n"
+            extra += b"Content-Length: " + self.content_length + b"\r\n"
         if self.upgrade_to is not None and self.upgrade is not None:  # hop-by-hop: set anew
-            head += b"Connection: Upgrade\r\nUpgrade: " + self.upgrade_to + b"\r\n"
-        return head + b"\r\n"
+            extra += b"Connection: Upgrade\r\nUpgrade: " + self.upgrade_to + b"\r\n"
+        if host is not None and self.host is not None:  # the usual case, in one step
+            return _UPSTREAM_HEAD % (
+                method,
+                target,
+                host,
+                lines,
+                client_ip,
+                self.host,
+                request_id,
+                extra,
+            )
+        return (
+            b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n%b%b\r\n"
+            % (
+                method,
+                target,
+                b"" if host is None else b"Host: " + host + b"\r\n",
+                lines,
+                client_ip,
+                b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
+                b"X-Request-ID: " + request_id + b"\r\n" + extra,
+            )
+        )
+
+
+_UPSTREAM_HEAD = (
+    b"%b %b HTTP/1.1\r\nHost: %b\r\n%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
+    b"X-Forwarded-Host: %b\r\nX-Request-ID: %b\r\n%b\r\n"
+)
 
 
 # Response header lines the gateway takes out (and reads) before passing the head on.

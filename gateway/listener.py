@@ -37,8 +37,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = b""
         self.parser = httptools.HttpRequestParser(self)
         self.head: RequestHead | None = None
-        self.url: list[bytes] = []
-        self.url_size = 0
+        self.url = b""
         self.parsing: Exchange | None = None  # the request being read
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
@@ -128,13 +127,12 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self.head is None:  # a new request begins
             self.head = RequestHead()
-            self.url = []
-            self.url_size = 0
-        self.url_size += len(url)
-        if self.url_size > MAX_URL:
+            self.url = url
+        else:  # the target came in pieces
+            self.url += url
+        if len(self.url) > MAX_URL:
             self._error = HeaderError(414, "uri_too_long", "request line over the 8 KiB limit")
             raise self._error
-        self.url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.head is not None
@@ -152,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
             self,
             self.head,
             parser.get_method(),
-            b"".join(self.url),
+            self.url,
             parser.get_http_version() == "1.1",
             parser.should_keep_alive() and not self.closing,
         )
