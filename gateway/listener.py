@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -29,7 +29,7 @@ MAX_URL = 8 * 1024
 TICK = 0.1  # seconds between deadline checks
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native class)
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.proxy = listener.proxy
@@ -113,6 +113,9 @@ class ClientConnection(asyncio.Protocol):
             exchange.client_lost()  # type: ignore[union-attr]
         self.queue.clear()
         self.parsing = self.active = None
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; connection_lost follows
 
     def pause_writing(self) -> None:
         if self.active is not None:
@@ -275,7 +278,7 @@ class Listener:
         self.proxy = proxy
         self.settings = settings
         self.connections: set[ClientConnection] = set()
-        self.server: asyncio.base_events.Server | None = None
+        self.server: Any = None  # uvloop's: its sockets are a list, not the typeshed tuple
         self._ticker: asyncio.TimerHandle | None = None
         self._ticks = 0
         self._drained: asyncio.Event | None = None
@@ -284,7 +287,7 @@ class Listener:
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = self.proxy.loop
         self.server = await loop.create_server(
-            lambda: ClientConnection(self),
+            lambda: cast(Any, ClientConnection(self)),  # a Protocol by duck typing
             host,
             port,
             backlog=4096,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -36,7 +36,7 @@ class Owner(Protocol):
     def on_tunnel_data(self, data: bytes) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native class)
     __slots__ = (
         "pool",
         "key",
@@ -181,6 +181,9 @@ class UpstreamConnection(asyncio.Protocol):
         if owner is not None:
             owner.on_upstream_lost(str(exc) if exc else "connection closed", "reset")
 
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; connection_lost follows
+
     def pause_writing(self) -> None:
         if self.owner is not None:
             self.owner.on_upstream_writable(False)
@@ -275,12 +278,12 @@ class ConnectionPool:
             ssl_context = self._ssl
         async with asyncio.timeout(timeout):
             _, protocol = await loop.create_connection(
-                lambda: UpstreamConnection(self, key),
+                lambda: cast(Any, UpstreamConnection(self, key)),  # a Protocol by duck typing
                 instance.host,
                 instance.port,
                 ssl=ssl_context,
             )
-        return protocol
+        return cast(UpstreamConnection, protocol)
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than ``keepalive``."""

@@ -5,7 +5,7 @@ for a response head."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -79,7 +79,8 @@ class Proxy:
     def absolute_form(url: bytes) -> tuple[bytes, bytes, bytes]:
         """(path, query, authority) of an absolute-form target like http://host/path?q."""
         try:
-            parsed = httptools.parse_url(url)
+            # Any: its port is None when absent, whatever httptools' stub says
+            parsed: Any = httptools.parse_url(url)
         except httptools.HttpParserInvalidURLError:
             raise HeaderError(400, "bad_path", "request target is not a path") from None
         if parsed.host is None:

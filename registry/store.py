@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from registry.balancer import SmoothWeightedRoundRobin
 from registry.models import (
@@ -34,11 +34,11 @@ EVENTS = ("registered", "updated", "heartbeat", "deregistered", "evicted")
 
 
 class UnknownService(LookupError):
-    code = "unknown_service"
+    code: ClassVar[str] = "unknown_service"
 
 
 class UnknownInstance(LookupError):
-    code = "unknown_instance"
+    code: ClassVar[str] = "unknown_instance"
 
 
 class _Service:
