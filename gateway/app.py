@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import data_plane_build
 from gateway.admin import build_admin_app
 from gateway.config import Config, ConfigError, HealthCheckConfig, load_config
 from gateway.health import HealthChecker
@@ -236,12 +237,13 @@ async def serve(gateway: Gateway) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info(
-        "proxy listening on %s:%d, admin on %s:%d, %d routes",
+        "proxy listening on %s:%d, admin on %s:%d, %d routes, %s data plane",
         gateway.listen[0],
         gateway.proxy_port,
         gateway.admin_listen[0],
         gateway.admin_port,
         len(gateway.config.routes),
+        data_plane_build(),
     )
     gc.collect()
     gc.freeze()  # start-up objects never need scanning again; shorter GC pauses

@@ -266,7 +266,11 @@ async def start_gateway_process(cwd: Path, *extra: str) -> GatewayProcess:
             process.kill()
             await process.wait()
             raise AssertionError("gateway exited before listening")
-        found = re.search(r"proxy listening on \S+:(\d+), admin on \S+:(\d+)", line)
+        found = re.search(
+            r"proxy listening on \S+:(\d+), admin on \S+:(\d+), \d+ routes, "
+            r"(compiled|pure Python) data plane",
+            line,
+        )
         if found:
             return GatewayProcess(
                 process,
