@@ -1,9 +1,25 @@
 """The gateway: an API gateway with a built-in service registry."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 def data_plane_build() -> str:
-    """ "compiled" when setup.py's mypyc build of the hot path is what got imported,
+    """"compiled" when setup.py's mypyc build of the hot path is what got imported,
     else "pure Python" (no C compiler at install time, or GATEWAY_PURE_PYTHON=1)."""
     from gateway import exchange
 
     return "pure Python" if exchange.__file__.endswith(".py") else "compiled"
+
+
+def stale_extensions() -> list[str]:
+    """Sources edited after their compiled module was built (an editable install):
+    Python imports the old compiled code, not the edit. Rebuild: pip install -e ."""
+    root = Path(__file__).resolve().parent.parent
+    stale = []
+    for built in [*root.glob("gateway/*.so"), *root.glob("registry/*.so")]:
+        source = built.with_name(built.name.split(".")[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            stale.append(str(source.relative_to(root)))
+    return sorted(stale)

@@ -16,8 +16,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway import stale_extensions
 from gateway.app import Gateway
 from gateway.config import parse_config
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = stale_extensions()
+    if stale:
+        pytest.exit(
+            f"edited after their compiled build: {', '.join(stale)}; the tests would run the "
+            "old code. Rebuild with `pip install -e .` (or delete gateway/*.so registry/*.so)",
+            returncode=2,
+        )
 
 
 @dataclass
