@@ -27,6 +27,7 @@ class BuildExt(build_ext):
             if os.path.exists(path):
                 os.utime(path)
 
+
 COMPILED = [
     "gateway/exchange.py",
     "gateway/headers.py",
