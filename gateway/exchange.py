@@ -90,8 +90,8 @@ class Exchange:
 
     # -- from the client connection ------------------------------------------------
 
-    def start(self) -> None:
-        """The request head is in: route it and send it to an instance."""
+    def start(self, now: float) -> None:
+        """The request head is in (and its turn has come): route it, send it to an instance."""
         method, url, head = self.method, self.url, self.head
         try:
             if method == b"CONNECT":
@@ -119,7 +119,7 @@ class Exchange:
         self.service = service = stats.service
         service.in_flight += 1
         service.requests += 1
-        self._attempt()
+        self._attempt(now)
 
     def client_body(self, data: bytes) -> None:
         if self.done:
@@ -190,7 +190,7 @@ class Exchange:
 
     # -- attempts ----------------------------------------------------------------------
 
-    def _attempt(self) -> None:
+    def _attempt(self, now: float) -> None:
         route = self.route
         assert route is not None and self.service is not None
         proxy = self.proxy
@@ -222,7 +222,7 @@ class Exchange:
             connection = proxy.pool.acquire(instance.pool_key, check)
             self.unchecked = connection is not None and not check
         if connection is not None:
-            self._send(connection)
+            self._send(connection, now)
         else:
             proxy.loop.create_task(self._connect(instance, route))
 
@@ -234,7 +234,7 @@ class Exchange:
         self.unchecked = False
         connection = self.proxy.pool.acquire(instance.pool_key, True)
         if connection is not None:
-            self._send(connection)
+            self._send(connection, self.proxy.loop.time())
         else:
             self.proxy.loop.create_task(self._connect(instance, route))
 
@@ -248,9 +248,9 @@ class Exchange:
         if self.done or self.instance is not instance:
             connection.release(True)  # a fresh connection nobody needs now: keep it
             return
-        self._send(connection)
+        self._send(connection, self.proxy.loop.time())
 
-    def _send(self, connection: UpstreamConnection) -> None:
+    def _send(self, connection: UpstreamConnection, now: float) -> None:
         route, instance, head = self.route, self.instance, self.head
         assert route is not None and instance is not None
         self.upstream = connection
@@ -280,9 +280,8 @@ class Exchange:
             connection.write(b"".join(buffer))
             self.client.resume("buffer")
         self.request_sent = self.request_done
-        proxy = self.proxy
-        self.deadline = proxy.loop.time() + route.timeout
-        proxy.waiting.add(self)
+        self.deadline = now + route.timeout
+        self.proxy.waiting.add(self)
 
     def _attempt_failed(self, error: str, reason: str) -> None:
         """An attempt failed before any of the response went to the client."""
@@ -309,7 +308,7 @@ class Exchange:
             reason != "timeout" and self.method in IDEMPOTENT and not self.has_body
         )
         if again and len(self.tried or ()) <= self.route.retries and self.service.may_retry():
-            self._attempt()
+            self._attempt(self.proxy.loop.time())
         else:
             self._give_up(reason)
 

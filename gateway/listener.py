@@ -72,7 +72,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             transport.close()
             return
         listener.connections.add(self)
-        self.deadline = self.proxy.loop.time() + listener.settings.header_timeout
+        self.deadline = listener.now + listener.settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -81,7 +81,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             return
         if self.idle:
             self.idle = False
-            self.deadline = self.proxy.loop.time() + self.listener.settings.header_timeout
+            self.deadline = self.listener.now + self.listener.settings.header_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -162,7 +162,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
-            exchange.start()
+            exchange.start(exchange.started)
         else:
             self.queue.append(exchange)
             self.pause("pipeline")
@@ -212,10 +212,10 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             following = self.active = self.queue.popleft()
             if not self.queue:
                 self.resume("pipeline")
-            following.start()
+            following.start(self.proxy.loop.time())
         elif self.parsing is None:
             self.idle = True
-            self.deadline = self.proxy.loop.time() + self.listener.settings.idle_timeout
+            self.deadline = self.listener.now + self.listener.settings.idle_timeout
 
     # -- deadlines and shutdown ------------------------------------------------------------------
 
@@ -283,6 +283,9 @@ class Listener:
         self._ticks = 0
         self._drained: asyncio.Event | None = None
         self.closing = False
+        # The time at the last tick: precise enough for connection deadlines (checked
+        # once a second), and cheaper than asking the loop on every request.
+        self.now = proxy.loop.time()
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = self.proxy.loop
@@ -303,7 +306,7 @@ class Listener:
             self._drained.set()
 
     def _tick(self) -> None:
-        now = self.proxy.loop.time()
+        self.now = now = self.proxy.loop.time()
         self.proxy.expire_waiting(now)
         for service in self.proxy.metrics.services.values():
             service.sample()

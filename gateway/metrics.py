@@ -8,7 +8,6 @@ Registry events are rare and use prometheus_client's counters directly.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +32,7 @@ INSTANCE_STATES = ("up", "draining", "ejected", "failing")
 UPSTREAM_ERROR_REASONS = ("connect", "timeout", "reset", "protocol")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BUCKET_LABELS = [repr(b) for b in BUCKETS] + ["+Inf"]
+_BOUNDS = len(BUCKETS)
 
 
 def method_label(method: str) -> str:
@@ -93,7 +93,10 @@ class RouteStats:
         key = (method, status)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        bucket = 0  # the first bound >= seconds (a scan: most requests stop at the first)
+        while bucket < _BOUNDS and BUCKETS[bucket] < seconds:
+            bucket += 1
+        self.buckets[bucket] += 1
         self.sum += seconds
         self.count += 1
 

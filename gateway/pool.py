@@ -219,11 +219,8 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             self.owner.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self._skip_body:
-            return
-        status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return
+        if self._skip_body or self._head is not None:
+            return  # handled at the head, or the end of an interim answer (still reading heads)
         if self.owner is not None:
             self.owner.on_response_complete()
 
