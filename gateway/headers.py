@@ -69,14 +69,15 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
 
 
-# 32 hex digits: 64 random bits (the top one set, so the width never changes), then a counter.
-_ID_BASE = (int.from_bytes(os.urandom(8)) | 1 << 63) << 64
+# 16 random hex digits (per process), a dash, then a counter in decimal: the cheapest
+# unique id to make (no formatting call), e.g. 9f1c0a6e3b2d4c58-1042.
+_ID_PREFIX = os.urandom(8).hex().encode() + b"-"
 _id_counter = itertools.count(1)
 
 
 def new_request_id() -> bytes:
     """Unique per process and across processes: a random prefix and a counter."""
-    return b"%x" % (_ID_BASE + next(_id_counter))
+    return _ID_PREFIX + str(next(_id_counter)).encode()
 
 
 class RequestHead:
@@ -88,6 +89,7 @@ class RequestHead:
     content_length: bytes | None = None
     chunked = False
     close = False  # Connection: close
+    keep_alive = False  # Connection: keep-alive
     named: set[bytes] | None = None  # headers listed in Connection
     host: bytes | None = None
     forwarded_for: list[bytes] | None = None
@@ -104,6 +106,8 @@ class RequestHead:
         tokens = {t.strip().lower() for t in value.split(b",")}
         if b"close" in tokens:
             self.close = True
+        if b"keep-alive" in tokens:
+            self.keep_alive = True
         tokens -= _CONNECTION_OPTIONS | {b""}
         if tokens:
             self.named = tokens if self.named is None else self.named | tokens

@@ -146,16 +146,22 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             raise
 
     def on_headers_complete(self) -> None:
-        assert self.head is not None
+        head = self.head
+        assert head is not None
         parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.0 connection alive only for "Connection: keep-alive":
+        # without that token, keep-alive means HTTP/1.1, and asking the parser (which
+        # formats a string) is needed only in the other cases.
+        http11 = (keep_alive and not head.keep_alive) or parser.get_http_version() == "1.1"
         exchange = Exchange(
             self.proxy,
             self,
-            self.head,
+            head,
             parser.get_method(),
             self.url,
-            parser.get_http_version() == "1.1",
-            parser.should_keep_alive() and not self.closing,
+            http11,
+            keep_alive and not self.closing,
         )
         self.head = None
         self.deadline = None

@@ -170,6 +170,43 @@ async def test_chunked_response_is_chunked_to_http11_and_read_to_close_by_http10
     assert body == b"abcde"
 
 
+@pytest.mark.parametrize(
+    ("request_head", "chunked", "closes"),
+    [
+        (b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", True, False),
+        (b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", True, True),
+        (b"GET /c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False, True),
+        (b"GET /c HTTP/1.0\r\nConnection: close\r\n\r\n", False, True),
+    ],
+)
+async def test_the_http_version_decides_the_framing_whatever_connection_says(
+    gateway_factory, raw_upstream, request_head, chunked, closes
+):
+    """The version is read from the request line (not guessed from keep-alive): an
+    unknown-length answer is chunked to HTTP/1.1 and read to the close by HTTP/1.0."""
+    gw = await gateway_factory(ROUTES)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    _, port = await raw_upstream(lambda method, path: answer)
+    await _register(gw, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    writer.write(request_head)
+    if closes:
+        data = await asyncio.wait_for(reader.read(), 5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        head += b"\r\n\r\n"
+        if chunked:
+            assert body == b"3\r\nabc\r\n0\r\n\r\n"
+        else:
+            assert body == b"abc"
+    else:
+        head, body = await _read_response(reader)
+        assert body == b"abc"
+    writer.close()
+    await writer.wait_closed()
+    assert (b"transfer-encoding: chunked" in head.lower()) == chunked
+    assert (b"connection: close" in head.lower()) == closes
+
+
 async def test_connection_close_is_honoured(gateway_factory, raw_upstream):
     gw = await gateway_factory(ROUTES)
     _, port = await raw_upstream(lambda method, path: _ok(b"hi"))
