@@ -14,7 +14,7 @@ no more calls than it must.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.errors import error_bytes
 from gateway.headers import HeaderError, RequestHead, ResponseHead
@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-CLIENT_CLOSED = 499  # the client went away; nginx logs this as 499
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BUFFER_LIMIT = 256 * 1024  # request body held before an upstream takes it
-_CLOSE_AFTER = frozenset({400, 405, 413, 414, 431})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+CLIENT_CLOSED: Final = 499  # the client went away; nginx logs this as 499
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUFFER_LIMIT: Final = 256 * 1024  # request body held before an upstream takes it
+_CLOSE_AFTER: Final = frozenset({400, 405, 413, 414, 431})
 
 
 class Exchange:

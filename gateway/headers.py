@@ -13,11 +13,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from typing import Final
 
-MAX_FIELD = 8 * 1024  # one header line
-MAX_TOTAL = 64 * 1024  # all header lines of a message
+MAX_FIELD: Final = 8 * 1024  # one header line
+MAX_TOTAL: Final = 64 * 1024  # all header lines of a message
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -29,13 +30,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Tokens of Connection that name no header to remove.
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header; absent: kept as it is).
 _KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(
     11
 )
-_REQUEST_KINDS = {
+_REQUEST_KINDS: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
     b"transfer-encoding": _CODING,
@@ -71,8 +72,8 @@ def sane_request_id(value: bytes | None) -> bool:
 
 # 16 random hex digits (per process), a dash, then a counter in decimal: the cheapest
 # unique id to make (no formatting call), e.g. 9f1c0a6e3b2d4c58-1042.
-_ID_PREFIX = os.urandom(8).hex().encode() + b"-"
-_id_counter = itertools.count(1)
+_ID_PREFIX: Final = os.urandom(8).hex().encode() + b"-"
+_id_counter: Final = itertools.count(1)
 
 
 def new_request_id() -> bytes:
@@ -225,7 +226,7 @@ class RequestHead:
         )
 
 
-_UPSTREAM_HEAD = (
+_UPSTREAM_HEAD: Final = (
     b"%b %b HTTP/1.1\r\nHost: %b\r\n%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
     b"X-Forwarded-Host: %b\r\nX-Request-ID: %b\r\n%b\r\n"
 )
@@ -235,11 +236,11 @@ _UPSTREAM_HEAD = (
 # Groups: 1 Content-Length (kept), 2 Transfer-Encoding, 3 Connection, 4 the value.
 # Matched on the lower-cased head (same length, so positions hold for the raw one);
 # llhttp has already refused bare LF, obs-fold and a space before the colon.
-_RESPONSE_SPECIAL = re.compile(
+_RESPONSE_SPECIAL: Final = re.compile(
     rb"\n(?:(content-length)|(transfer-encoding)|(connection)|keep-alive|proxy-connection|te"
     rb"|trailer|upgrade|x-request-id):[ \t]*([^\r\n]*)\r"
 )
-RESPONSE_CACHE_SIZE = 512
+RESPONSE_CACHE_SIZE: Final = 512
 
 
 class ResponseHead:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -25,8 +25,8 @@ from gateway.proxy import Proxy
 
 log = logging.getLogger("gateway.listener")
 
-MAX_URL = 8 * 1024
-TICK = 0.1  # seconds between deadline checks
+MAX_URL: Final = 8 * 1024
+TICK: Final = 0.1  # seconds between deadline checks
 
 
 class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native class)

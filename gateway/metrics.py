@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import (
@@ -27,12 +27,26 @@ from registry.store import Registry
 # The *_created series double the output and nobody reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
-INSTANCE_STATES = ("up", "draining", "ejected", "failing")
-UPSTREAM_ERROR_REASONS = ("connect", "timeout", "reset", "protocol")
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_BUCKET_LABELS = [repr(b) for b in BUCKETS] + ["+Inf"]
-_BOUNDS = len(BUCKETS)
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+INSTANCE_STATES: Final = ("up", "draining", "ejected", "failing")
+UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
+BUCKETS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_BUCKET_LABELS: Final = [repr(b) for b in BUCKETS] + ["+Inf"]
+_BOUNDS: Final = len(BUCKETS)
 
 
 def method_label(method: str) -> str:
@@ -45,9 +59,9 @@ def instance_state(instance: Instance) -> str:
     return instance.health if instance.health != "healthy" else instance.state
 
 
-RETRY_RATIO = 0.2  # retries allowed: 20% of the requests of the last second...
-RETRY_FLOOR = 10  # ...plus 10 a second
-BUDGET_WINDOW = 10  # samples of (requests, retries), one a tick: the last second
+RETRY_RATIO: Final = 0.2  # retries allowed: 20% of the requests of the last second...
+RETRY_FLOOR: Final = 10  # ...plus 10 a second
+BUDGET_WINDOW: Final = 10  # samples of (requests, retries), one a tick: the last second
 
 
 class ServiceStats:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 
@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     from registry.models import Instance
 
 Key = tuple[str, str, int]  # scheme, host, port
-MAX_IDLE_PER_INSTANCE = 512
+MAX_IDLE_PER_INSTANCE: Final = 512
 # A connection idle longer than this is checked before reuse: upstreams close idle
 # keep-alive connections, and a request sent just then would fail (a 502 for a POST).
-CHECK_AFTER = 0.0005
+CHECK_AFTER: Final = 0.0005
 
 
 class Owner(Protocol):

@@ -5,7 +5,7 @@ for a response head."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from gateway.config import RouteConfig
     from gateway.exchange import Exchange
 
-ROUTE_CACHE_SIZE = 4096
+ROUTE_CACHE_SIZE: Final = 4096
 
 
 class Proxy:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from registry.balancer import SmoothWeightedRoundRobin
 from registry.models import (
@@ -30,7 +30,7 @@ from registry.models import (
 Clock = Callable[[], float]
 # (event, service, instance); event is one of EVENTS
 Listener = Callable[[str, str, Instance], None]
-EVENTS = ("registered", "updated", "heartbeat", "deregistered", "evicted")
+EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted")
 
 
 class UnknownService(LookupError):
