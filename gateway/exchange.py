@@ -499,16 +499,10 @@ class Exchange:
         self.buffer = None
         if (self.has_body and not self.request_done) or status in _CLOSE_AFTER:
             self.keep_alive = False  # the rest of the request is not worth reading
-        self.client.write(
-            error_bytes(
-                status,
-                code,
-                message,
-                self.request_id,
-                extra,
-                close=not self.keep_alive or self.client.closing,
-            )
-        )
+        close = not self.keep_alive or self.client.closing
+        if not close and not self.http11:
+            extra += b"Connection: keep-alive\r\n"  # HTTP/1.0 assumes a close otherwise
+        self.client.write(error_bytes(status, code, message, self.request_id, extra, close=close))
         self.response_done = True
         self._finish()
 

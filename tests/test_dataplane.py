@@ -233,6 +233,20 @@ async def test_http10_keep_alive_is_honoured(gateway_factory, raw_upstream):
     await writer.wait_closed()
 
 
+async def test_http10_keep_alive_is_honoured_for_gateway_errors_too(gateway_factory):
+    """A 503 from the gateway itself to an HTTP/1.0 keep-alive client says keep-alive
+    (HTTP/1.0 reads a response without it as the last one), and the connection stays."""
+    gw = await gateway_factory(ROUTES)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port)
+    for _ in range(2):
+        writer.write(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        head, body = await _read_response(reader)
+        assert head.startswith(b"HTTP/1.1 503") and b"no_healthy_instance" in body
+        assert b"connection: keep-alive" in head.lower()
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_unfinished_upstream_response_is_not_pooled(gateway_factory, raw_upstream):
     gw = await gateway_factory(ROUTES)
     answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", _ok(b"fine")])
