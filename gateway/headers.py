@@ -33,9 +33,7 @@ HOP_BY_HOP: Final = frozenset(
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header; absent: kept as it is).
-_KEEP, _HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(
-    11
-)
+_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(10)
 _REQUEST_KINDS: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -201,34 +199,22 @@ class RequestHead:
             extra += b"Content-Length: " + self.content_length + b"\r\n"
         if self.upgrade_to is not None and self.upgrade is not None:  # hop-by-hop: set anew
             extra += b"Connection: Upgrade\r\nUpgrade: " + self.upgrade_to + b"\r\n"
-        if host is not None and self.host is not None:  # the usual case, in one step
-            return _UPSTREAM_HEAD % (
-                method,
-                target,
-                host,
-                lines,
-                client_ip,
-                self.host,
-                request_id,
-                extra,
-            )
-        return (
-            b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n%b%b\r\n"
-            % (
-                method,
-                target,
-                b"" if host is None else b"Host: " + host + b"\r\n",
-                lines,
-                client_ip,
-                b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
-                b"X-Request-ID: " + request_id + b"\r\n" + extra,
-            )
+        return _UPSTREAM_HEAD % (
+            method,
+            target,
+            b"" if host is None else b"Host: " + host + b"\r\n",
+            lines,
+            client_ip,
+            b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
+            request_id,
+            extra,
         )
 
 
+# Host and X-Forwarded-Host come as whole lines (absent for an HTTP/1.0 request without Host).
 _UPSTREAM_HEAD: Final = (
-    b"%b %b HTTP/1.1\r\nHost: %b\r\n%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
-    b"X-Forwarded-Host: %b\r\nX-Request-ID: %b\r\n%b\r\n"
+    b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
+    b"%bX-Request-ID: %b\r\n%b\r\n"
 )
 
 
