@@ -432,15 +432,15 @@ async def test_connections_over_the_limit_get_503_overloaded(gateway_factory, ra
         await writer.wait_closed()
 
 
-def _impatient_upstream(received: list[bytes]):
-    """A raw upstream that closes a keep-alive connection after 1 ms idle, like a short
-    keep-alive timeout; it records each request's body (or path, when there is none)."""
+def _impatient_upstream(received: list[bytes], idle: float):
+    """A raw upstream that closes a keep-alive connection after ``idle`` seconds, like a
+    short keep-alive timeout; it records each request's body (or path, when there is none)."""
 
     async def impatient(reader, writer):
         first = True
         while True:
             try:
-                async with asyncio.timeout(None if first else 0.001):
+                async with asyncio.timeout(None if first else idle):
                     head = await reader.readuntil(b"\r\n\r\n")
             except TimeoutError:
                 writer.close()
@@ -460,20 +460,23 @@ def _impatient_upstream(received: list[bytes]):
 
 
 async def test_upstream_closing_idle_connections_fails_no_request(gateway_factory):
-    """An upstream that closes keep-alive connections 1 ms after each answer: every POST
-    still arrives exactly once (a pooled connection is checked before it is reused)."""
+    """An upstream that closes keep-alive connections 50 ms after each answer: POSTs sent
+    at once reuse the connection, POSTs sent after the close never get the closed one;
+    every POST arrives exactly once. (Within the very microseconds the upstream closes,
+    a POST can still fail: README, Known limits; a sub-millisecond timing test of that
+    race was flaky, so the waits stay clear of it.)"""
     gw = await gateway_factory(ROUTES)
     received: list[bytes] = []
-    server = await start_raw_server(_impatient_upstream(received))
+    server = await start_raw_server(_impatient_upstream(received, idle=0.05))
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         statuses = []
-        for i in range(60):
+        for i in range(24):
             async with gw.session.post(gw.proxy_url + "/p", data=b"%d" % i) as response:
                 statuses.append(response.status)
-            await asyncio.sleep(0.001 * (i % 3))
-        assert statuses == [200] * 60
-        assert sorted(received, key=int) == [b"%d" % i for i in range(60)]  # once each
+            await asyncio.sleep(0.1 if i % 3 == 2 else 0)
+        assert statuses == [200] * 24
+        assert sorted(received, key=int) == [b"%d" % i for i in range(24)]  # once each
     finally:
         await stop_raw_server(server)
 
@@ -486,7 +489,7 @@ async def test_get_on_a_pooled_connection_the_upstream_closed_goes_again_unseen(
     answered 200, each reaches the upstream once, and none counts as a retry."""
     gw = await gateway_factory(ROUTES)
     received: list[bytes] = []
-    server = await start_raw_server(_impatient_upstream(received))
+    server = await start_raw_server(_impatient_upstream(received, idle=0.001))
     try:
         await _register(gw, server.sockets[0].getsockname()[1])
         statuses = []
