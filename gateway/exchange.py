@@ -375,12 +375,7 @@ class Exchange:
         else:
             self.keep_alive = False  # an HTTP/1.0 client reads to the close
         self.eof_body = not no_body and response.content_length is None and not response.chunked
-        if self.client.closing:
-            self.keep_alive = False
-        if not self.keep_alive:
-            framing += b"Connection: close\r\n"
-        elif not self.http11:
-            framing += b"Connection: keep-alive\r\n"
+        framing += self._connection_header()
         self.response_started = True
         # Held back one step: it goes out with the first body bytes, in one write.
         self.pending = response.client_head(self.request_id, framing)
@@ -499,12 +494,19 @@ class Exchange:
         self.buffer = None
         if (self.has_body and not self.request_done) or status in _CLOSE_AFTER:
             self.keep_alive = False  # the rest of the request is not worth reading
-        close = not self.keep_alive or self.client.closing
-        if not close and not self.http11:
-            extra += b"Connection: keep-alive\r\n"  # HTTP/1.0 assumes a close otherwise
-        self.client.write(error_bytes(status, code, message, self.request_id, extra, close=close))
+        extra += self._connection_header()
+        self.client.write(error_bytes(status, code, message, self.request_id, extra))
         self.response_done = True
         self._finish()
+
+    def _connection_header(self) -> bytes:
+        """The answer's Connection line: close (also when the gateway is shutting down), or
+        keep-alive said aloud to HTTP/1.0, which assumes a close otherwise."""
+        if self.client.closing:
+            self.keep_alive = False
+        if not self.keep_alive:
+            return b"Connection: close\r\n"
+        return b"" if self.http11 else b"Connection: keep-alive\r\n"
 
     def _finish(self) -> None:
         if self.done:
