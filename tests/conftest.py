@@ -19,6 +19,8 @@ from aiohttp import web
 from gateway import stale_extensions
 from gateway.app import Gateway
 from gateway.config import parse_config
+from registry.store import Registry
+from tests.fakes import FakeClock
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -29,6 +31,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "old code. Rebuild with `pip install -e .` (or delete gateway/*.so registry/*.so)",
             returncode=2,
         )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for unit tests of the pure core: time moves only when told."""
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock: FakeClock) -> Registry:
+    return Registry(clock, default_ttl=30.0, max_ttl=3600.0)
 
 
 @dataclass
@@ -249,6 +262,24 @@ async def stop_raw_server(server: asyncio.Server) -> None:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task  # ending them is the point
     await server.wait_closed()
+
+
+class RawServer:
+    """Base of hand-written test upstreams: ``handle`` serves one connection; ``start``
+    returns the port, ``stop`` ends the server and every connection."""
+
+    server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> int:
+        self.server = await start_raw_server(self.handle)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await stop_raw_server(self.server)
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.conftest import start_raw_server, stop_raw_server
+from tests.conftest import RawServer, start_raw_server, stop_raw_server
 
 ROUTES = """
 routes:
@@ -19,16 +19,15 @@ routes:
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class RawUpstream:
+class RawUpstream(RawServer):
     """A hand-written upstream: counts connections, answers with a script."""
 
     def __init__(self, answer: Callable[[bytes, bytes], bytes]) -> None:
         self.answer = answer  # (method, path) -> whole response bytes
         self.connections = 0
         self.requests: list[tuple[bytes, bytes]] = []
-        self.server: asyncio.Server | None = None
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while True:
@@ -47,14 +46,6 @@ class RawUpstream:
             pass
         finally:
             writer.close()
-
-    async def start(self) -> int:
-        self.server = await start_raw_server(self.serve)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await stop_raw_server(self.server)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.conftest import start_raw_server, stop_raw_server
+from tests.conftest import RawServer
 
 ROUTES = """
 proxy:
@@ -26,13 +26,12 @@ routes:
 """
 
 
-class Faulty:
+class Faulty(RawServer):
     """A hand-written upstream that misbehaves as told and counts the requests it read."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.seen: list[bytes] = []  # request lines
-        self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -59,14 +58,6 @@ class Faulty:
             writer.write(b"HTTP/1.1 2OO OK\r\n\r\n")
             await writer.drain()
             writer.close()
-
-    async def start(self) -> int:
-        self.server = await start_raw_server(self.handle)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await stop_raw_server(self.server)
 
 
 def _fds() -> int:

@@ -21,16 +21,6 @@ LOGGER = "registry.snapshot"
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def registry(clock: FakeClock) -> Registry:
-    return Registry(clock, default_ttl=30.0, max_ttl=3600.0)
-
-
-@pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "registry.json"
 

@@ -15,16 +15,6 @@ Event = tuple[str, str, str]
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def registry(clock: FakeClock) -> Registry:
-    return Registry(clock, default_ttl=30.0, max_ttl=3600.0)
-
-
-@pytest.fixture
 def events(registry: Registry) -> list[Event]:
     seen: list[Event] = []
     registry.subscribe(lambda event, service, instance: seen.append((event, service, instance.id)))
