@@ -214,27 +214,26 @@ class Exchange:
             tried.append(instance.id)
         self.instance = instance
         proxy.registry.request_started(instance)
-        connection = None
-        if self.upgrade is None:  # an upgrade gets a connection of its own
-            # A request that can go again unseen skips the check for a dead pooled
-            # connection (a syscall): if it was dead, _resend sends it once more.
-            check = self.has_body or self.method not in IDEMPOTENT
-            connection = proxy.pool.acquire(instance.pool_key, check)
-            self.unchecked = connection is not None and not check
-        if connection is not None:
-            self._send(connection, now)
-        else:
-            proxy.loop.create_task(self._connect(instance, route))
+        # A request that can go again unseen skips the check for a dead pooled
+        # connection (a syscall): if it was dead, _resend sends it once more.
+        self._dispatch(instance, route, self.has_body or self.method not in IDEMPOTENT, now)
 
     def _resend(self) -> None:
         """The unchecked pooled connection was dead: the same request, same instance, on a
         checked or new connection. Not a retry: the upstream never saw the request."""
         instance, route = self.instance, self.route
         assert instance is not None and route is not None
-        self.unchecked = False
-        connection = self.proxy.pool.acquire(instance.pool_key, True)
+        self._dispatch(instance, route, True, self.proxy.loop.time())
+
+    def _dispatch(self, instance: Instance, route: RouteConfig, check: bool, now: float) -> None:
+        """Send on a pooled connection to ``instance`` (checked for a close by the upstream
+        first when ``check``), else on a new one."""
+        connection = None
+        if self.upgrade is None:  # an upgrade gets a connection of its own
+            connection = self.proxy.pool.acquire(instance.pool_key, check)
+        self.unchecked = connection is not None and not check
         if connection is not None:
-            self._send(connection, self.proxy.loop.time())
+            self._send(connection, now)
         else:
             self.proxy.loop.create_task(self._connect(instance, route))
 
