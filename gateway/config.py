@@ -69,6 +69,8 @@ class ProxySettings:
     retries: int = 2
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    body_timeout: float = 60.0  # between two reads of a client's request body
+    send_timeout: float = 60.0  # a client that accepts no bytes of its answer for this long
     max_connections: int = 10000
 
 
@@ -431,6 +433,8 @@ def _proxy(s: _Section) -> ProxySettings:
         retries=s.integer("retries", d.retries, 0),
         header_timeout=s.duration("header_timeout", d.header_timeout),
         idle_timeout=s.duration("idle_timeout", d.idle_timeout),
+        body_timeout=s.duration("body_timeout", d.body_timeout),
+        send_timeout=s.duration("send_timeout", d.send_timeout),
         max_connections=s.integer("max_connections", d.max_connections, 1),
     )
 

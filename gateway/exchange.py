@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.proxy")
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CLIENT_CLOSED: Final = 499  # the client went away; nginx logs this as 499
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BUFFER_LIMIT: Final = 256 * 1024  # request body held before an upstream takes it
+_BUFFER_LIMIT: Final = 256 * 1024  # request body (or tunnel bytes) held for the upstream
 _CLOSE_AFTER: Final = frozenset({400, 405, 413, 414, 431})
 
 
@@ -59,8 +59,9 @@ class Exchange:
     upstream_keep_alive = False
     last_reason = "connect"
     authority: bytes | None = None  # of an absolute-form target
-    upgrade: bytes | None = None  # the protocol a WebSocket-style request asks for
+    upgrade: bytes | None = None  # "websocket": this is a handshake the gateway tunnels
     tunnel = False  # after a 101: bytes are passed both ways as they come
+    early: list[bytes] | None = None  # the client's bytes after the handshake, before the 101
     unchecked = False  # sent on a pooled connection not checked for a close by the upstream
 
     def __init__(
@@ -85,8 +86,9 @@ class Exchange:
         self.stats: RouteStats = proxy.metrics.unmatched
         self.has_body = head.chunked or (head.content_length not in (None, b"0"))
         self.no_body = method == b"HEAD"
-        if head.upgrade_to is not None:
-            self.upgrade = head.upgrade
+        if head.upgrade_to is not None and head.websocket and method == b"GET":
+            self.upgrade = head.upgrade_to
+            self.keep_alive = False  # a tunnel or not, nothing more is read as HTTP/1.1
 
     # -- from the client connection ------------------------------------------------
 
@@ -98,6 +100,8 @@ class Exchange:
                 raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
             if head.host is None and self.http11:
                 raise HeaderError(400, "bad_request", "malformed request: no Host header")
+            if b"#" in url:
+                raise HeaderError(400, "bad_request", "malformed request: # in the target")
             if url.startswith(b"/"):
                 raw_path, _, query = url.partition(b"?") if b"?" in url else (url, b"", b"")
                 host = head.host
@@ -158,6 +162,10 @@ class Exchange:
                 self.buffer.append(b"0\r\n\r\n")
         if upstream is not None:
             self.request_sent = True
+            if not self.response_started:
+                # A body took its time: the response timeout starts now. Without one,
+                # this follows the head at once.
+                self._expect_head(self.proxy.loop.time() if self.has_body else self.started)
         if self.response_done:
             self._finish()
 
@@ -168,8 +176,9 @@ class Exchange:
         self._drop_upstream()
         self._complete(CLIENT_CLOSED if not self.response_done else self.status)
 
-    def client_malformed(self, status: int, code: str, message: str) -> None:
-        """The rest of the request broke the framing rules: cut the upstream off."""
+    def client_failed(self, status: int, code: str, message: str) -> None:
+        """The rest of the request broke the framing rules or did not come in time: the
+        client's fault, not the instance's. The upstream is cut off, the client answered."""
         if self.done:
             return
         self._drop_upstream()
@@ -268,6 +277,7 @@ class Exchange:
                 request_id=self.request_id,
                 host_override=host,
                 forwarded_prefix=route.prefix_bytes if route.strip_prefix else None,
+                upgrade=self.upgrade,
             ),
             self.no_body,
         )
@@ -279,7 +289,13 @@ class Exchange:
             connection.write(b"".join(buffer))
             self.client.resume("buffer")
         self.request_sent = self.request_done
-        self.deadline = now + route.timeout
+        if self.request_sent:
+            self._expect_head(now)
+
+    def _expect_head(self, now: float) -> None:
+        """The whole request is with the upstream: its response head is due in the timeout."""
+        assert self.route is not None
+        self.deadline = now + self.route.timeout
         self.proxy.waiting.add(self)
 
     def _attempt_failed(self, error: str, reason: str) -> None:
@@ -352,7 +368,7 @@ class Exchange:
         try:
             response = ResponseHead.of(raw)
         except HeaderError as error:
-            self.on_upstream_lost(error.message, "protocol")
+            self._broken_answer(error.message)
             return
         if (status == 101 or self.upgrade is not None) and self._switch(status, response):
             return
@@ -363,7 +379,7 @@ class Exchange:
                 self.proxy.outliers.failed(instance, server_error=True)
             else:
                 self.proxy.outliers.succeeded(instance)
-        self.upstream_keep_alive = keep_alive and not response.close
+        self.upstream_keep_alive = keep_alive and not response.close and self.upgrade is None
         no_body = self.no_body or status == 204 or status == 304
         framing = b""
         if no_body or (response.content_length is not None and not response.chunked):
@@ -383,12 +399,12 @@ class Exchange:
         """A 101 to an upgrade request: from now on a tunnel. True when it took over."""
         upgrade = self.upgrade
         if status != 101:
-            self.keep_alive = False  # the client's parser stopped at the upgrade request
+            # The handshake is refused: the client's bytes held since are dropped (and the
+            # upstream connection is not reused: see on_response_head).
+            self.early = None
             return False
         if upgrade is None:
-            self.on_upstream_lost(
-                "101 Switching Protocols to a request that asked none", "protocol"
-            )
+            self._broken_answer("101 Switching Protocols to a request that asked none")
             return True
         if self.instance is not None:
             self.proxy.outliers.succeeded(self.instance)
@@ -401,6 +417,10 @@ class Exchange:
                 self.request_id, b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
             )
         )
+        early, self.early = self.early, None
+        if early is not None and self.upstream is not None:
+            self.upstream.write(b"".join(early))
+            self.client.resume("buffer")
         return True
 
     def on_tunnel_data(self, data: bytes) -> None:
@@ -408,9 +428,19 @@ class Exchange:
         self.client.write(data)
 
     def client_tunnel_data(self, data: bytes) -> None:
-        """Bytes of the switched protocol from the client (they may come with the request)."""
-        if not self.done:
-            self._to_upstream(data)
+        """Bytes of the switched protocol from the client (they may come with the request):
+        held until the upstream's 101, so nothing unrouted reaches it as HTTP."""
+        upstream = self.upstream
+        if self.tunnel:
+            if upstream is not None:
+                upstream.write(data)
+        elif not self.done:
+            early = self.early
+            if early is None:
+                early = self.early = []
+            early.append(data)
+            if sum(map(len, early)) > _BUFFER_LIMIT:
+                self.client.pause("buffer")
 
     def on_response_body(self, data: bytes) -> None:
         if self.client_chunked:
@@ -470,6 +500,12 @@ class Exchange:
             self._resend()  # a pooled connection the upstream had closed
             return
         self._attempt_failed(error, reason)
+
+    def _broken_answer(self, error: str) -> None:
+        """The upstream's answer cannot be passed on: its connection is closed, so nothing
+        more from it reaches the client; the attempt failed (502 or a retry)."""
+        self._drop_upstream()
+        self.on_upstream_lost(error, "protocol")
 
     def on_upstream_writable(self, writable: bool) -> None:
         """Backpressure from the upstream socket onto the client read."""

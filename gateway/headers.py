@@ -33,7 +33,7 @@ HOP_BY_HOP: Final = frozenset(
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header; absent: kept as it is).
-_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _PREFIX, _EXPECT, _UPGRADE = range(10)
+_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _EXPECT, _UPGRADE = range(9)
 _REQUEST_KINDS: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -44,11 +44,19 @@ _REQUEST_KINDS: Final = {
     b"te": _DROP,
     b"trailer": _DROP,
     b"upgrade": _UPGRADE,
+    b"http2-settings": _DROP,  # of an h2c upgrade, which is not tunnelled
     b"x-forwarded-proto": _DROP,  # set by the gateway
     b"x-forwarded-host": _DROP,  # set by the gateway
+    b"x-forwarded-prefix": _DROP,  # set by the gateway with strip_prefix
+    b"x-real-ip": _DROP,  # set by the gateway
+    # Claims about the client that nobody here vouches for (see README, Security):
+    b"x-forwarded-port": _DROP,
+    b"x-forwarded-server": _DROP,
+    b"forwarded": _DROP,
+    b"true-client-ip": _DROP,
+    b"x-client-ip": _DROP,
     b"x-forwarded-for": _FOR,
     b"x-request-id": _ID,
-    b"x-forwarded-prefix": _PREFIX,
     b"expect": _EXPECT,  # answered by the gateway itself
 }
 
@@ -93,7 +101,6 @@ class RequestHead:
     host: bytes | None = None
     forwarded_for: list[bytes] | None = None
     request_id: bytes | None = None
-    forwarded_prefix: bytes | None = None
     expect_continue = False
     upgrade_to: bytes | None = None  # Upgrade's value
 
@@ -151,19 +158,22 @@ class RequestHead:
                 self.forwarded_for.append(value.strip())
         elif kind == _ID:
             self.request_id = value
-        elif kind == _PREFIX:
-            self.forwarded_prefix = value
         elif kind == _UPGRADE:
             self.upgrade_to = value
         elif kind == _EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
 
     @property
-    def upgrade(self) -> bytes | None:
-        """The protocol asked for (``Connection: upgrade`` with ``Upgrade: websocket``)."""
-        if self.upgrade_to is None or self.named is None or b"upgrade" not in self.named:
-            return None
-        return self.upgrade_to
+    def websocket(self) -> bool:
+        """A WebSocket handshake's headers: ``Connection: upgrade``, ``Upgrade: websocket``.
+        No other protocol is tunnelled (h2c is answered as plain HTTP/1.1)."""
+        upgrade = self.upgrade_to
+        return (
+            upgrade is not None
+            and self.named is not None
+            and b"upgrade" in self.named
+            and upgrade.strip().lower() == b"websocket"
+        )
 
     def request_id_or_new(self) -> bytes:
         """The client's X-Request-ID if sane, else a new one."""
@@ -181,29 +191,31 @@ class RequestHead:
         request_id: bytes,
         host_override: bytes | None = None,
         forwarded_prefix: bytes | None = None,
+        upgrade: bytes | None = None,
     ) -> bytes:
-        """The request head to send upstream: kept headers plus the gateway's own."""
+        """The request head to send upstream: kept headers plus the gateway's own;
+        ``upgrade`` for a WebSocket handshake the gateway tunnels."""
         named = self.named or ()
         host = host_override if host_override is not None else self.host
         lines = b"".join(self.lines if self.named is None else self.kept_lines())
+        forwarded_for = client_ip
         if self.forwarded_for and b"x-forwarded-for" not in named:
-            client_ip = b", ".join(self.forwarded_for) + b", " + client_ip
+            forwarded_for = b", ".join(self.forwarded_for) + b", " + client_ip
         extra = b""
         if forwarded_prefix is not None:
             extra += b"X-Forwarded-Prefix: " + forwarded_prefix + b"\r\n"
-        elif self.forwarded_prefix is not None and b"x-forwarded-prefix" not in named:
-            extra += b"X-Forwarded-Prefix: " + self.forwarded_prefix + b"\r\n"
         if self.chunked:
             extra += b"Transfer-Encoding: chunked\r\n"
         elif self.content_length is not None:
             extra += b"Content-Length: " + self.content_length + b"\r\n"
-        if self.upgrade_to is not None and self.upgrade is not None:  # hop-by-hop: set anew
-            extra += b"Connection: Upgrade\r\nUpgrade: " + self.upgrade_to + b"\r\n"
+        if upgrade is not None:  # hop-by-hop: set anew
+            extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
         return _UPSTREAM_HEAD % (
             method,
             target,
             b"" if host is None else b"Host: " + host + b"\r\n",
             lines,
+            forwarded_for,
             client_ip,
             b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
             request_id,
@@ -213,7 +225,7 @@ class RequestHead:
 
 # Host and X-Forwarded-Host come as whole lines (absent for an HTTP/1.0 request without Host).
 _UPSTREAM_HEAD: Final = (
-    b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\n"
+    b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n"
     b"%bX-Request-ID: %b\r\n%b\r\n"
 )
 
@@ -227,6 +239,7 @@ _RESPONSE_SPECIAL: Final = re.compile(
     rb"|trailer|upgrade|x-request-id):[ \t]*([^\r\n]*)\r"
 )
 RESPONSE_CACHE_SIZE: Final = 512
+_FRAMING: Final = frozenset({b"", b"content-length", b"transfer-encoding"})
 
 
 class ResponseHead:
@@ -270,7 +283,8 @@ class ResponseHead:
                 elif value != b"keep-alive":
                     tokens = {t.strip() for t in value.split(b",")}
                     self.close = self.close or b"close" in tokens
-                    named |= tokens - _CONNECTION_OPTIONS - {b""}
+                    # Framing is the gateway's to decide, whatever Connection names.
+                    named |= tokens - _CONNECTION_OPTIONS - _FRAMING
         kept.append(raw[position:])
         lines = b"".join(kept)
         if named:

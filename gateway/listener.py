@@ -20,12 +20,15 @@ import httptools
 from gateway.config import ProxySettings
 from gateway.errors import error_bytes
 from gateway.exchange import Exchange
-from gateway.headers import HeaderError, RequestHead, new_request_id
+from gateway.headers import MAX_TOTAL, HeaderError, RequestHead, new_request_id
 from gateway.proxy import Proxy
 
 log = logging.getLogger("gateway.listener")
 
 MAX_URL: Final = 8 * 1024
+# Bytes llhttp may hold for a client without reporting anything (a header line or a
+# trailer still coming): a whole head's worth. Counted per read, so at most one read more.
+MAX_HELD: Final = MAX_URL + MAX_TOTAL + 8 * 1024
 TICK: Final = 0.1  # seconds between deadline checks
 
 
@@ -41,10 +44,19 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.parsing: Exchange | None = None  # the request being read
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
-        self.deadline: float | None = None
+        self.deadline: float | None = None  # for the request head, or the idle keep-alive
         self.idle = False
+        self.head_open = False  # a request head has begun and is not complete
+        self.progress = False  # the parser reported a head, body bytes or an end in this read
+        self.held = 0  # bytes read since llhttp last reported progress (see MAX_HELD)
+        self.last_read = 0.0  # listener time of the last read, for the body timeout
+        self.backlog = 0  # bytes waiting in the transport for the client at the last check
+        self.send_progress = 0.0  # when the client last took some of them
         self.closing = False  # close after the current answer (shutdown)
-        self.tunnel: Exchange | None = None  # after a 101: the client's bytes go there
+        self.stopped = False  # the client broke the framing: nothing more is read
+        self.refusal: bytes | None = None  # the error answer due after the queued answers
+        self.upgrading: Exchange | None = None  # a WebSocket handshake llhttp stops after
+        self.tunnel: Exchange | None = None  # after the handshake: the client's bytes go there
         self._paused: set[str] = set()
         self._error: HeaderError | None = None
 
@@ -79,21 +91,22 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         if tunnel is not None:
             tunnel.client_tunnel_data(data)
             return
+        if self.stopped:
+            return
+        listener = self.listener
+        self.last_read = listener.now
         if self.idle:
             self.idle = False
-            self.deadline = self.listener.now + self.listener.settings.header_timeout
+            self.deadline = listener.now + listener.settings.header_timeout
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        self.progress = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            exchange = self.active
-            if exchange is not None and exchange.upgrade is not None and not exchange.done:
-                # What follows the upgrade request is the new protocol's: pass it on.
-                self.tunnel = exchange
-                rest = data[upgrade.args[0] :]
-                if rest:
-                    exchange.client_tunnel_data(rest)
-            else:  # nothing after an upgrade request can be read as HTTP/1.1
-                self._stop_reading()
+            self._upgraded(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             error, self._error = self._error, None
             if error is None and isinstance(exc, httptools.HttpParserCallbackError):
@@ -106,6 +119,36 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             elif error is None:
                 error = HeaderError(400, "bad_request", f"malformed request: {_reason(exc)}")
             self._refuse(error)
+            return
+        if self.progress:
+            self.held = 0
+            return
+        # Nothing reported: llhttp holds these bytes (a header line or trailer going on).
+        self.held += len(data)
+        if self.held > MAX_HELD:
+            self._refuse(HeaderError(431, "headers_too_large", "headers over the 64 KiB limit"))
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stopped after a request head that asked to switch protocols."""
+        exchange, self.upgrading = self.upgrading, None
+        transport = self.transport
+        if exchange is None or exchange.method == b"CONNECT":
+            self._stop_reading()  # nothing after it is read: the connection closes
+        elif transport is None or transport.is_closing():
+            pass
+        elif exchange.upgrade is None:
+            # An Upgrade the gateway does not tunnel (h2c and the like, without a body):
+            # the request is plain HTTP/1.1, and so is what follows it.
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self._feed(rest)
+        elif not exchange.done:
+            # A WebSocket handshake: what follows is the new protocol's, held by the
+            # exchange until the upstream agrees with a 101.
+            self.tunnel = exchange
+            if rest:
+                exchange.client_tunnel_data(rest)
+        # else: the gateway answered the handshake itself, and that answer closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.forget(self)
@@ -117,7 +160,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost follows
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> None:  # the transport holds over 64 KiB for the client
         if self.active is not None:
             self.active.client_writable(False)
 
@@ -126,6 +169,9 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             self.active.client_writable(True)
 
     # -- llhttp callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.head_open = True
 
     def on_url(self, url: bytes) -> None:
         if self.head is None:  # a new request begins
@@ -138,9 +184,11 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             raise self._error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.head is not None
+        head = self.head
+        if head is None:
+            return  # a trailer of a chunked body: dropped (its size counts in MAX_HELD)
         try:
-            self.head.add(name, value)
+            head.add(name, value)
         except HeaderError as error:
             self._error = error
             raise
@@ -154,6 +202,9 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         # without that token, keep-alive means HTTP/1.1, and asking the parser (which
         # formats a string) is needed only in the other cases.
         http11 = (keep_alive and not head.keep_alive) or parser.get_http_version() == "1.1"
+        upgrade = head.upgrade_to is not None and parser.should_upgrade()
+        if upgrade:
+            self._upgrade_head(head)
         exchange = Exchange(
             self.proxy,
             self,
@@ -164,8 +215,12 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             keep_alive and not self.closing,
         )
         self.head = None
+        self.head_open = False
+        self.progress = True
         self.deadline = None
         self.parsing = exchange
+        if upgrade:
+            self.upgrading = exchange
         if self.active is None:
             self.active = exchange
             exchange.start(exchange.started)
@@ -173,11 +228,26 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             self.queue.append(exchange)
             self.pause("pipeline")
 
+    def _upgrade_head(self, head: RequestHead) -> None:
+        """llhttp will stop after this head and take what follows for another protocol.
+        Only a WebSocket handshake (GET, no body) is tunnelled; any other Upgrade is
+        answered as plain HTTP/1.1, which a body would make ambiguous: refused."""
+        if head.content_length in (None, b"0") and not head.chunked:
+            return
+        if head.websocket and self.parser.get_method() == b"GET":
+            message = "malformed request: a WebSocket handshake with a body"
+        else:
+            message = "malformed request: a body on an Upgrade request (not tunnelled)"
+        self._error = HeaderError(400, "bad_request", message)
+        raise self._error
+
     def on_body(self, body: bytes) -> None:
+        self.progress = True
         if self.parsing is not None:
             self.parsing.client_body(body)
 
     def on_message_complete(self) -> None:
+        self.progress = True
         exchange, self.parsing = self.parsing, None
         if exchange is not None:
             exchange.client_done()
@@ -202,6 +272,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         if reason in self._paused:
             self._paused.discard(reason)
             if not self._paused and self.transport is not None and not self.transport.is_closing():
+                self.last_read = self.listener.now  # the body timeout starts again
                 self.transport.resume_reading()
 
     def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
@@ -211,36 +282,52 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.active = None
         if not keep_alive or self.closing:
             self.queue.clear()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        if self.queue:
+            self._close()
+        elif self.queue:
             following = self.active = self.queue.popleft()
-            if not self.queue:
+            if not self.queue and not self.stopped:
                 self.resume("pipeline")
             following.start(self.proxy.loop.time())
+        elif self.refusal is not None:  # every request before the malformed one is answered
+            self.write(self.refusal)
+            self._close()
+        elif self.head_open:  # the next request's head is on its way
+            self.deadline = self.listener.now + self.listener.settings.header_timeout
         elif self.parsing is None:
             self.idle = True
             self.deadline = self.listener.now + self.listener.settings.idle_timeout
 
     # -- deadlines and shutdown ------------------------------------------------------------------
 
-    def check_deadline(self, now: float) -> None:
+    def check_deadlines(self, now: float) -> None:
+        """Once a second: the send, body, head and idle timeouts of this connection."""
+        transport = self.transport
+        if transport is None:
+            return
+        settings = self.listener.settings
+        backlog = transport.get_write_buffer_size()
+        if backlog == 0 or backlog < self.backlog:
+            self.send_progress = now  # the client took some of its answer
+        self.backlog = backlog
+        if backlog and now - self.send_progress >= settings.send_timeout:
+            log.info("closing a connection from %s: it read nothing for %.0fs",
+                     self.peer_ip.decode(), settings.send_timeout)  # fmt: skip
+            transport.abort()  # close() would wait for the client to read
+            return
+        parsing = self.parsing
+        if parsing is not None and parsing is self.active and not self._paused:
+            if now - self.last_read >= settings.body_timeout:
+                self._refuse(
+                    HeaderError(408, "request_timeout", "request body not received in time")
+                )
+            return
         if self.deadline is None or now < self.deadline:
             return
         self.deadline = None
-        if not self.idle and self.head is not None and self.active is None:
-            self.write(
-                error_bytes(
-                    408,
-                    "request_timeout",
-                    "request head not received in time",
-                    new_request_id(),
-                    close=True,
-                )
-            )
-        if self.transport is not None:
-            self.transport.close()
+        if self.head_open and self.active is None:
+            self._refuse(HeaderError(408, "request_timeout", "request head not received in time"))
+        else:
+            self._close()
 
     def shutdown(self) -> None:
         """Close now if idle, else after the answer in progress."""
@@ -251,20 +338,31 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
     # -- internals ----------------------------------------------------------------------------
 
     def _refuse(self, error: HeaderError) -> None:
-        """A malformed request: answer it (after any answer in progress) and close."""
-        broken = self.parsing
-        self._stop_reading()
+        """A malformed (or stalled) request: nothing more is read; the complete requests
+        before it are answered in order, then it gets the error and the connection closes."""
+        self.stopped = True
+        self.pause("stopped")
+        broken, self.parsing = self.parsing, None
         if broken is not None and broken is self.active:
             # Its head went upstream already: the upstream gets a cut-off request,
             # never a complete one, and the client gets the error.
-            broken.client_malformed(error.status, error.code, error.message)
-        elif self.active is None:
-            self.write(
-                error_bytes(error.status, error.code, error.message, new_request_id(), close=True)
-            )
-            if self.transport is not None:
-                self.transport.close()
-        # else: the answer in progress finishes, then the connection closes
+            broken.client_failed(error.status, error.code, error.message)
+            return
+        if broken is not None:
+            self.queue.remove(broken)  # answered by the error, in its turn
+        answer = error_bytes(error.status, error.code, error.message, new_request_id(), close=True)
+        if self.active is None:
+            self.write(answer)
+            self._close()
+        else:
+            self.refusal = answer
+
+    def _close(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                self.send_progress = self.listener.now  # the send timeout still applies
+            transport.close()
 
     def _stop_reading(self) -> None:
         self.closing = True
@@ -319,7 +417,7 @@ class Listener:
         self._ticks += 1
         if self._ticks % 10 == 0:  # once a second is precise enough for these
             for connection in list(self.connections):
-                connection.check_deadline(now)
+                connection.check_deadlines(now)
             self.proxy.pool.sweep(now)
         self._ticker = self.proxy.loop.call_later(TICK, self._tick)
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 
+from gateway.headers import MAX_TOTAL
+
 if TYPE_CHECKING:
     from registry.models import Instance
 
@@ -23,6 +25,9 @@ MAX_IDLE_PER_INSTANCE: Final = 512
 # A connection idle longer than this is checked before reuse: upstreams close idle
 # keep-alive connections, and a request sent just then would fail (a 502 for a POST).
 CHECK_AFTER: Final = 0.0005
+# An incomplete response head may hold this much (the status line and 64 KiB of headers,
+# counted as llhttp sees them): beyond it the upstream is broken, not slow.
+MAX_HEAD: Final = MAX_TOTAL + 8 * 1024
 
 
 class Owner(Protocol):
@@ -149,7 +154,10 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             return
         head = self._head
         if head is not None:
-            self._head = head + data if head else data
+            head = self._head = head + data if head else data
+            if len(head) > MAX_HEAD and head.find(b"\r\n\r\n") < 0:
+                self._broken("response headers over 64 KiB")
+                return
         self._feeding = True
         try:
             self._parser.feed_data(data)
@@ -161,10 +169,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
                 self.owner.on_tunnel_data(rest)
             return
         except httptools.HttpParserError as exc:
-            owner = self.owner
-            self.close()
-            if owner is not None:
-                owner.on_upstream_lost(f"malformed response: {exc}", "protocol")
+            self._broken(f"malformed response: {exc}")
             return
         finally:
             self._feeding = False
@@ -173,6 +178,13 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             if self._skip_body:
                 self._parser = httptools.HttpResponseParser(self)  # it still waits for a body
             self.release(reusable)
+
+    def _broken(self, error: str) -> None:
+        """The upstream's answer is malformed: closed, nothing more from it is read."""
+        owner = self.owner
+        self.close()
+        if owner is not None:
+            owner.on_upstream_lost(error, "protocol")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -75,7 +75,7 @@ def test_an_empty_file_gives_all_defaults(text: str) -> None:
     assert config.listen == ("0.0.0.0", 8080)
     assert config.admin == AdminConfig(listen=("127.0.0.1", 8081), token_env=None)
     assert config.registry == RegistryConfig(30.0, 3600.0, None, "memory")
-    assert config.proxy == ProxySettings(2.0, 30.0, 2, 10.0, 60.0, 10000)
+    assert config.proxy == ProxySettings(2.0, 30.0, 2, 10.0, 60.0, 60.0, 60.0, 10000)
     assert config.routes == ()
     assert config.services == {}
 
@@ -98,6 +98,8 @@ def test_the_spec_example_parses_to_the_right_values(tmp_path: Path) -> None:
             retries=2,
             header_timeout=10.0,
             idle_timeout=60.0,
+            body_timeout=60.0,
+            send_timeout=60.0,
             max_connections=10000,
         ),
         routes=(
