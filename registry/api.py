@@ -103,7 +103,7 @@ async def get_service(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     name = request.match_info["service"]
     try:
-        known_index = registry.service_index(name)
+        registry.service_index(name)  # raises for a service never seen
     except UnknownService:
         raise GatewayError(
             404,
@@ -114,7 +114,7 @@ async def get_service(request: web.Request) -> web.Response:
     if "index" in request.query:
         index = _query_index(request.query["index"])
         wait = _query_wait(request.query.get("wait", "5m"))
-        if index > 0 and index >= known_index:
+        if registry.poll_waits(name, index):
             await request.app[RUNTIME].wait_for_change(name, index, wait)
     instances = registry.instances(name)
     return _json(

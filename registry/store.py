@@ -265,6 +265,15 @@ class Registry:
             raise UnknownService(f"no service {name!r}")
         return service.index
 
+    def poll_waits(self, name: str, index: int) -> bool:
+        """Whether a long poll of a service at ``index`` waits for its next change.
+
+        It answers at once for index 0, for an index below the service's (it changed since),
+        and for one ahead of the whole registry (remembered from before a restart): waiting
+        for the counter to pass that would miss the changes in between.
+        """
+        return 0 < index <= self.index and index >= self.service_index(name)
+
     def service_names(self) -> list[str]:
         self.expire()
         return sorted(self._services)

@@ -587,6 +587,22 @@ async def test_long_poll_below_the_index_answers_at_once(gateway_factory):
     assert loop.time() - started < 1.0
 
 
+async def test_long_poll_ahead_of_the_registry_answers_at_once(gateway_factory):
+    # An index remembered from before a restart is ahead of the new counter: waiting for it
+    # would miss every change, so the answer is the current list and index, as from Consul.
+    gw = await gateway_factory(ROUTES)
+    await _call(gw, "POST", "/registry/services/api/instances", json=OK)
+    _, _, headers = await _call(gw, "GET", "/registry/services/api")
+    current = headers["X-Registry-Index"]
+    ahead = int(current) + 1000
+    status, answer, headers = await asyncio.wait_for(
+        _call(gw, "GET", f"/registry/services/api?index={ahead}&wait=30s"), 1.0
+    )
+    assert status == 200
+    assert [i["port"] for i in answer["instances"]] == [9000]
+    assert headers["X-Registry-Index"] == current
+
+
 async def test_long_poll_answers_on_change(gateway_factory):
     gw = await gateway_factory(ROUTES)
     await _call(gw, "POST", "/registry/services/api/instances", json=OK)

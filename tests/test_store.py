@@ -566,6 +566,27 @@ def test_index_counts_every_change_and_services_keep_their_last(
     assert registry.service_index("orders") == 5
 
 
+@pytest.mark.parametrize(
+    ("index", "waits"),
+    [
+        (0, False),  # no index yet: the current list
+        (1, False),  # below users' index (2): it changed since
+        (2, True),  # users' own index: wait for its next change
+        (3, True),  # above users' index, not above the registry's (3): nothing new for users
+        (4, False),  # ahead of the registry (from before a restart): the current list
+        (10**9, False),
+    ],
+)
+def test_long_poll_waits_only_for_an_index_the_registry_has_reached(
+    registry: Registry, index: int, waits: bool
+) -> None:
+    registry.register("orders", body(port=9001))
+    registry.register("users", body(port=9000))
+    registry.register("orders", body(port=9002))
+    assert (registry.service_index("users"), registry.index) == (2, 3)
+    assert registry.poll_waits("users", index) is waits
+
+
 def test_drain_and_remove_raise_the_index(registry: Registry) -> None:
     a, _ = registry.register("users", body())
     registry.request_started(a)
