@@ -241,12 +241,17 @@ async def test_an_upgrade_request_with_a_body_is_refused(
 
 
 @pytest.mark.parametrize(
-    "start",
-    [b"GET / HTTP/1.1\r\nHost: x\r\nX-A: ", b"GET / HTTP/1.1\r\nHost: x\r\nX-Name-Without-End"],
-    ids=["value", "name"],
+    ("start", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: ", b"431"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Name-Without-End", b"431"),
+        (b"GET /", b"414"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=", b"431"),
+    ],
+    ids=["value", "name", "target", "chunk-extension"],
 )
 async def test_an_endless_header_line_is_cut_at_the_limit(
-    gateway_factory, recorder, connect, start
+    gateway_factory, recorder, connect, start, code
 ):
     upstream = await recorder()
     gw = await _gateway(gateway_factory, upstream)
@@ -262,9 +267,12 @@ async def test_an_endless_header_line_is_cut_at_the_limit(
     except ConnectionError:
         pass  # closed while we were still sending: the answer may be lost with the reset
     if answer:
-        assert answer.startswith(b"HTTP/1.1 431 ")
-        assert b'"headers_too_large"' in answer
-    assert upstream.heads == []
+        assert answer.startswith(b"HTTP/1.1 " + code + b" ")
+    if b"chunked" in start:  # its head went on at once; the cut-off body never ends
+        await asyncio.wait_for(upstream.closed.wait(), 5)
+        assert b"0\r\n\r\n" not in upstream.everything
+    else:
+        assert upstream.heads == []
     assert not gw.gateway._listener.connections  # type: ignore[union-attr]
 
 
@@ -588,7 +596,8 @@ SPOOFED = (
     b"X-Forwarded-Prefix: /admin\r\nX-Forwarded-Port: 443\r\nX-Real-IP: 10.9.9.9\r\n"
     b"Forwarded: for=10.9.9.9;proto=https\r\nTrue-Client-IP: 10.9.9.9\r\n"
     b"X-Client-IP: 10.9.9.9\r\nX-Forwarded-Server: evil\r\nX-Forwarded-Proto: https\r\n"
-    b"X-Forwarded-Host: evil\r\n"
+    b"X-Forwarded-Host: evil\r\nX_Forwarded_For: 10.9.9.9\r\nX_Real_IP: 10.9.9.9\r\n"
+    b"Transfer_Encoding: evil\r\nX-Custom_Name: kept\r\n"
 )
 
 
@@ -613,6 +622,7 @@ async def test_spoofed_forwarding_headers_are_removed_or_replaced(
     assert got.get("x-forwarded-prefix") == (prefix.decode() if prefix else None)
     for name in ("forwarded", "true-client-ip", "x-client-ip", "x-forwarded-port"):
         assert name not in got
+    assert got["x-custom_name"] == "kept"  # underscores alone are no reason to drop a header
 
 
 async def test_a_fragment_in_the_target_is_refused(gateway_factory, recorder, connect):
