@@ -44,6 +44,8 @@ async def _read_body(request: web.Request) -> Mapping[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(400, "invalid_json", "body is not valid JSON") from None
+    except RecursionError:  # the decoder recurses once per level of [ or {
+        raise GatewayError(400, "invalid_json", "body is nested too deeply") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "invalid_json", "body must be a JSON object")
     return body

@@ -442,6 +442,29 @@ async def test_patch_body_must_be_a_json_object(gateway_factory):
     _assert_error(status, answer, 415, "unsupported_media_type")
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 3000, b'{"a":' * 3000, b"[" * 3000 + b"]" * 3000],
+    ids=["open-arrays", "open-objects", "closed-arrays"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/registry/services/api/instances"),
+        ("PATCH", "/registry/services/api/instances/127.0.0.1:9000"),
+    ],
+)
+async def test_json_nested_too_deeply_is_invalid_json(gateway_factory, method, path, data):
+    gw = await gateway_factory(ROUTES)
+    await _call(gw, "POST", "/registry/services/api/instances", json=OK)
+    status, answer, _ = await _call(
+        gw, method, path, data=data, headers={"Content-Type": "application/json"}
+    )
+    _assert_error(status, answer, 400, "invalid_json")
+    [listed] = await _instances(gw)
+    assert (listed["state"], listed["weight"]) == ("up", 1)
+
+
 async def test_drain_and_deregister_when_idle_removes_idle_instance(gateway_factory):
     gw = await gateway_factory(ROUTES)
     await _call(gw, "POST", "/registry/services/api/instances", json=OK)
