@@ -13,6 +13,11 @@ from registry.units import parse_duration
 SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,128}")
 _HOSTNAME_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+_HOST_RULE = (
+    "host must be a dotted-quad IPv4 address, an IPv6 address without zone, or a DNS name"
+    " whose last label is not a number; no scheme or port; not 0.0.0.0 or ::"
+)
 MAX_METADATA_KEYS = 64
 STATES = ("up", "draining")
 SCHEMES = ("http", "https")
@@ -117,22 +122,44 @@ def validate_service_name(value: object) -> str:
 
 
 def validate_host(value: object) -> str:
-    message = "host must be an IP address or DNS name without scheme, not 0.0.0.0 or ::"
+    """An instance's host, normalised: IPv4 dotted quad, compressed IPv6, or a lower-case name."""
     if not isinstance(value, str) or not value:
-        raise InvalidField("host", message)
-    candidate = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        raise InvalidField("host", _HOST_RULE)
+    address = _ip_address(value)
+    return address if address is not None else _dns_name(value)
+
+
+def _ip_address(value: str) -> str | None:
+    """The normalised form of a host written as an IP address; None if it is not one."""
+    # routes.yaml writes an IPv6 instance as [::1]:9000; the brackets are not the host's.
+    bracketed = value.startswith("[") and value.endswith("]")
     try:
-        address = ipaddress.ip_address(candidate)
+        address = ipaddress.ip_address(value[1:-1] if bracketed else value)
     except ValueError:
-        address = None
-    if address is not None:
-        if address.is_unspecified:
-            raise InvalidField("host", message)
-        return str(address)
+        if bracketed:
+            raise InvalidField("host", _HOST_RULE) from None
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            raise InvalidField("host", _HOST_RULE)
+        # ::ffff:a.b.c.d reaches a.b.c.d: check and store it as that IPv4 address.
+        address = address.ipv4_mapped or address
+    elif bracketed:
+        raise InvalidField("host", _HOST_RULE)
+    if address.is_unspecified:
+        raise InvalidField("host", _HOST_RULE)
+    return str(address)
+
+
+def _dns_name(value: str) -> str:
     name = value[:-1] if value.endswith(".") else value
-    if len(name) > 253 or not all(_HOSTNAME_LABEL_RE.fullmatch(p) for p in name.split(".")):
-        raise InvalidField("host", message)
-    return value.lower()
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOSTNAME_LABEL_RE.fullmatch(label) for label in labels):
+        raise InvalidField("host", _HOST_RULE)
+    # A resolver reads a name ending in a number (127.1, 0x7f.1, 2130706433) as an IPv4 address.
+    if _NUMERIC_LABEL_RE.fullmatch(labels[-1]):
+        raise InvalidField("host", _HOST_RULE)
+    return name.lower()
 
 
 def validate_port(value: object) -> int:

@@ -64,7 +64,7 @@ def test_service_name_refused(name: object) -> None:
     assert_invalid(validate_service_name, name, "invalid_service")
 
 
-# -- host: IP or DNS name, no scheme, not 0.0.0.0 / :: ---------------------------
+# -- host: IPv4 dotted quad, IPv6, or a DNS name that cannot read as a number -------
 
 
 @pytest.mark.parametrize(
@@ -72,18 +72,40 @@ def test_service_name_refused(name: object) -> None:
     [
         "10.0.0.5",
         "127.0.0.1",
+        "255.255.255.255",
         "::1",
         "fe80::1",
         "2001:db8::42",
         "localhost",
         "example.com",
         "users.internal",
+        "api.internal",
         "my-svc.default.svc.cluster.local",
         "a" * 63 + ".example.com",
+        "x",
+        "0x7f.example",  # not the last label: a resolver looks the name up
+        "10.0.0.5.nip.io",
+        "1e100.net",
+        "0xg",
     ],
 )
 def test_host_accepted(host: str) -> None:
     assert validate_host(host)
+
+
+@pytest.mark.parametrize(
+    ("host", "normalised"),
+    [
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # IPv4-mapped IPv6 is the IPv4 address
+        ("::FFFF:7f00:1", "127.0.0.1"),
+        ("2001:DB8:0:0::42", "2001:db8::42"),  # compressed, lower case
+        ("[::1]", "::1"),  # routes.yaml writes [::1]:9000
+        ("Example.COM", "example.com"),
+        ("example.com.", "example.com"),  # the root's dot is not part of the name
+    ],
+)
+def test_host_normalised(host: str, normalised: str) -> None:
+    assert validate_host(host) == normalised
 
 
 @pytest.mark.parametrize(
@@ -94,6 +116,8 @@ def test_host_accepted(host: str) -> None:
         "::",
         "0:0:0:0:0:0:0:0",
         "[::]",
+        "::0.0.0.0",
+        "::ffff:0.0.0.0",
         "http://x",
         "https://example.com",
         "x:9000",
@@ -102,8 +126,33 @@ def test_host_accepted(host: str) -> None:
         "-bad.example.com",
         "bad-.example.com",
         "a..b",
+        ".",
         "under_score.example.com",
         "a" * 64 + ".example.com",
+        ("a" * 63 + ".") * 4,  # 256 characters
+        # what inet_aton and getaddrinfo read as an IPv4 address, but not a dotted quad
+        "0",
+        "0.0.0",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "0x7f.1",
+        "0X7F.0.0.1",
+        "0177.0.0.1",
+        "127.0.0.01",
+        "1.2.3.4.5",
+        "256.0.0.1",
+        "10.0.0.5.",
+        "example.0x",
+        "example.123",
+        "::ffff:127.1",
+        "fe80::1%eth0",  # zone ids are not supported
+        "[fe80::1%25eth0]",
+        "[10.0.0.5]",  # brackets only around IPv6
+        "[localhost]",
+        " 10.0.0.5",
+        "10.0.0.5\n",
+        "١٢٧.0.0.1",  # non-ASCII digits
         None,
         10,
         ["10.0.0.5"],

@@ -133,6 +133,8 @@ async def test_default_ttl_comes_from_config(gateway_factory):
     [
         ("127.0.0.1", "127.0.0.1", "127.0.0.1:9000"),
         ("::1", "::1", "[::1]:9000"),
+        ("2001:DB8:0:0::42", "2001:db8::42", "[2001:db8::42]:9000"),
+        ("::ffff:10.0.0.1", "10.0.0.1", "10.0.0.1:9000"),
         ("users-1.internal.example", "users-1.internal.example", "users-1.internal.example:9000"),
     ],
 )
@@ -212,6 +214,19 @@ async def test_register_field_errors(gateway_factory, body, code):
     gw = await gateway_factory(ROUTES)
     status, answer, _ = await _call(gw, "POST", "/registry/services/api/instances", json=body)
     _assert_error(status, answer, 400, code)
+    assert await _instances(gw) == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["0", "0.0.0", "2130706433", "0x7f.1", "127.1", "0177.0.0.1", "::ffff:0.0.0.0", "fe80::1%eth0"],
+)
+async def test_host_that_only_a_resolver_reads_as_an_address_is_refused(gateway_factory, host):
+    gw = await gateway_factory(ROUTES)
+    body = {**OK, "host": host}
+    status, answer, _ = await _call(gw, "POST", "/registry/services/api/instances", json=body)
+    _assert_error(status, answer, 400, "invalid_host")
+    assert "dotted-quad" in answer["error"]["message"]
     assert await _instances(gw) == []
 
 
