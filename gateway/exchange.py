@@ -100,10 +100,12 @@ class Exchange:
                 raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
             if head.host is None and self.http11:
                 raise HeaderError(400, "bad_request", "malformed request: no Host header")
-            if b"#" in url:
+            # find, not `in`: CPython's `bytes in bytes` first tries the operand as an
+            # int and pays for the TypeError (about 1.2k instructions a test).
+            if url.find(b"#") >= 0:
                 raise HeaderError(400, "bad_request", "malformed request: # in the target")
             if url.startswith(b"/"):
-                raw_path, _, query = url.partition(b"?") if b"?" in url else (url, b"", b"")
+                raw_path, _, query = url.partition(b"?") if url.find(b"?") >= 0 else (url, b"", b"")
                 host = head.host
             else:
                 raw_path, query, host = self.proxy.absolute_form(url)

@@ -140,7 +140,7 @@ class RequestHead:
             raise HeaderError(431, "headers_too_large", which + " KiB limit")
         kind = _REQUEST_KINDS.get(name.lower())
         if kind is None:
-            if b"_" in name and name.lower().replace(b"_", b"-") in _REQUEST_KINDS:
+            if name.find(b"_") >= 0 and name.lower().replace(b"_", b"-") in _REQUEST_KINDS:
                 return  # X_Forwarded_For: CGI/WSGI servers read it as X-Forwarded-For
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == _HOST:
