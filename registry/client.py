@@ -95,7 +95,7 @@ class AdminClient:
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise AdminError(status, "invalid_response", "the answer is not JSON") from None
 
     def _reason(self, error: object) -> str:
@@ -134,7 +134,7 @@ def _error_from_answer(status: int, raw: bytes, reason: str) -> AdminError:
     try:
         error = json.loads(raw).get("error")
         return AdminError(status, str(error["code"]), str(error["message"]))
-    except (ValueError, AttributeError, TypeError, KeyError):
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError):
         pass
     try:
         code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")

@@ -226,11 +226,21 @@ def test_non_json_error_falls_back_to_status_phrase(admin: FakeAdmin) -> None:
     assert caught.value.message == "<html>Bad Gateway from some proxy</html>"
 
 
-def test_non_json_success_is_an_invalid_response(admin: FakeAdmin) -> None:
-    admin.queue((200, b"hello"))
+@pytest.mark.parametrize("body", [b"hello", b"[" * 100_000], ids=["text", "nested-too-deep"])
+def test_non_json_success_is_an_invalid_response(admin: FakeAdmin, body: bytes) -> None:
+    admin.queue((200, body))
 
     with pytest.raises(AdminError, match="invalid_response"):
         AdminClient(admin.url).services()
+
+
+def test_error_nested_too_deep_falls_back_to_status_phrase(admin: FakeAdmin) -> None:
+    admin.queue((503, b"[" * 100_000))
+
+    with pytest.raises(AdminError) as caught:
+        AdminClient(admin.url).services()
+
+    assert (caught.value.status, caught.value.code) == (503, "service_unavailable")
 
 
 def test_refused_connection_is_unreachable(closed_url: str) -> None:
