@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
-from gateway.headers import HeaderError
+from gateway.headers import HeaderError, no_fragment
 from gateway.metrics import GatewayMetrics, RouteStats, method_label
 from gateway.outliers import Outliers
 from gateway.pool import ConnectionPool
@@ -60,6 +60,7 @@ class Proxy:
         found = self._routes.get(key)
         if found is not None:
             return found
+        no_fragment(raw_path)
         try:
             path = normalize_path(raw_path.decode("latin-1"))
         except BadPath as exc:
@@ -78,6 +79,7 @@ class Proxy:
     @staticmethod
     def absolute_form(url: bytes) -> tuple[bytes, bytes, bytes]:
         """(path, query, authority) of an absolute-form target like http://host/path?q."""
+        no_fragment(url)
         try:
             # Any: its port is None when absent, whatever httptools' stub says
             parsed: Any = httptools.parse_url(url)
