@@ -84,7 +84,7 @@ class Exchange:
         self.started = proxy.loop.time()
         self.request_id = head.request_id_or_new()
         self.stats: RouteStats = proxy.metrics.unmatched
-        self.has_body = head.chunked or (head.content_length not in (None, b"0"))
+        self.has_body = head.has_body
         self.no_body = method == b"HEAD"
         if head.upgrade_to is not None and head.websocket and method == b"GET":
             self.upgrade = head.upgrade_to
@@ -143,12 +143,22 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
-            return
-        if self.buffer is None:
-            self.buffer = []
-        self.buffer.append(data)
-        if sum(map(len, self.buffer)) > _BUFFER_LIMIT:
+        else:
+            self.buffer = self._hold(self.buffer, data)
+
+    def _hold(self, held: list[bytes] | None, data: bytes) -> list[bytes]:
+        """``held`` (bytes kept for the upstream) with ``data`` added; past _BUFFER_LIMIT
+        the client's reading pauses until ``_release_held``."""
+        if held is None:
+            held = []
+        held.append(data)
+        if sum(map(len, held)) > _BUFFER_LIMIT:
             self.client.pause("buffer")
+        return held
+
+    def _release_held(self, held: list[bytes], upstream: UpstreamConnection) -> None:
+        upstream.write(b"".join(held))
+        self.client.resume("buffer")
 
     def client_done(self) -> None:
         self.request_done = True
@@ -286,8 +296,7 @@ class Exchange:
         buffer = self.buffer
         if buffer is not None:
             self.buffer = None
-            connection.write(b"".join(buffer))
-            self.client.resume("buffer")
+            self._release_held(buffer, connection)
         self.request_sent = self.request_done
         if self.request_sent:
             self._expect_head(now)
@@ -419,8 +428,7 @@ class Exchange:
         )
         early, self.early = self.early, None
         if early is not None and self.upstream is not None:
-            self.upstream.write(b"".join(early))
-            self.client.resume("buffer")
+            self._release_held(early, self.upstream)
         return True
 
     def on_tunnel_data(self, data: bytes) -> None:
@@ -435,12 +443,7 @@ class Exchange:
             if upstream is not None:
                 upstream.write(data)
         elif not self.done:
-            early = self.early
-            if early is None:
-                early = self.early = []
-            early.append(data)
-            if sum(map(len, early)) > _BUFFER_LIMIT:
-                self.client.pause("buffer")
+            self.early = self._hold(self.early, data)
 
     def on_response_body(self, data: bytes) -> None:
         if self.client_chunked:

@@ -197,6 +197,11 @@ class RequestHead:
             and upgrade.strip().lower() == b"websocket"
         )
 
+    @property
+    def has_body(self) -> bool:
+        """Chunked, or a Content-Length other than 0."""
+        return self.chunked or self.content_length not in (None, b"0")
+
     def request_id_or_new(self) -> bytes:
         """The client's X-Request-ID if sane, else a new one."""
         value = self.request_id

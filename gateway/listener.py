@@ -232,7 +232,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         """llhttp will stop after this head and take what follows for another protocol.
         Only a WebSocket handshake (GET, no body) is tunnelled; any other Upgrade is
         answered as plain HTTP/1.1, which a body would make ambiguous: refused."""
-        if head.content_length in (None, b"0") and not head.chunked:
+        if not head.has_body:
             return
         if head.websocket and self.parser.get_method() == b"GET":
             message = "malformed request: a WebSocket handshake with a body"
