@@ -3,7 +3,7 @@
 
     python3 benchmarks/micro.py                       # table of ns/op
     python3 benchmarks/micro.py --json                # also write benchmarks/results/micro.json
-    python3 benchmarks/micro.py --only route,swrr     # a subset (substring of the names)
+    python3 benchmarks/micro.py --only route,pick     # a subset (substring of the names)
 
 Each benchmark builds its data once, then times a loop of operations; ns/op is the
 median of --repeat timings (default 5) divided by the operations timed. The figure
@@ -46,14 +46,6 @@ class Route:
     strip_prefix: bool = False
 
 
-@dataclass(frozen=True)
-class Peer:
-    """What registry.balancer.SmoothWeightedRoundRobin needs of a peer."""
-
-    id: str
-    weight: int = 1
-
-
 # --------------------------------------------------------------------------- benchmarks
 
 
@@ -81,7 +73,7 @@ def bench_route_match() -> tuple[Callable[[], object], int]:
 
 
 def bench_registry_pick() -> tuple[Callable[[], object], int]:
-    """Registry.pick for a service of 1,000 live instances (every pick scans them)."""
+    """Registry.pick for a service of 1,000 live instances of equal weight (a rotation)."""
     from registry.store import Registry
 
     registry = Registry(clock=time.time)
@@ -96,17 +88,19 @@ def bench_registry_pick() -> tuple[Callable[[], object], int]:
     return run, 10
 
 
-def bench_swrr_pick() -> tuple[Callable[[], object], int]:
-    """SmoothWeightedRoundRobin.pick over 1,000 peers of weights 1..3."""
-    from registry.balancer import SmoothWeightedRoundRobin
+def bench_weighted_pick() -> tuple[Callable[[], object], int]:
+    """Registry.pick for a service of 1,000 live instances of weights 1..3 (a heap)."""
+    from registry.store import Registry
 
-    peers = [Peer(f"10.0.{i // 250}.{i % 250}:9000", 1 + i % 3) for i in range(1000)]
-    balancer = SmoothWeightedRoundRobin()
-    pick = balancer.pick
+    registry = Registry(clock=time.time)
+    for i in range(1000):
+        body = {"host": "10.0.0.1", "port": 10000 + i, "ttl": 3600, "weight": 1 + i % 3}
+        registry.register("bench", body)
+    pick = registry.pick
 
     def run() -> None:
         for _ in range(10):
-            pick(peers)
+            pick("bench")
 
     return run, 10
 
@@ -180,7 +174,7 @@ def bench_response_head_cached() -> tuple[Callable[[], object], int]:
 BENCHMARKS: list[tuple[str, Bench]] = [
     ("route_match_1000_routes", bench_route_match),
     ("registry_pick_1000_instances", bench_registry_pick),
-    ("swrr_pick_1000_peers", bench_swrr_pick),
+    ("weighted_pick_1000_instances", bench_weighted_pick),
     ("request_head_10_headers", bench_request_head),
     ("response_head_7_headers", bench_response_head),
     ("response_head_7_headers_cached", bench_response_head_cached),

@@ -28,7 +28,6 @@ from registry.store import Registry
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
-INSTANCE_STATES: Final = ("up", "draining", "ejected", "failing")
 UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
 BUCKETS: Final[tuple[float, ...]] = (
     0.005,
@@ -52,11 +51,6 @@ _BOUNDS: Final = len(BUCKETS)
 def method_label(method: str) -> str:
     """A bounded label: the standard methods, everything else OTHER."""
     return method if method in METHODS else "OTHER"
-
-
-def instance_state(instance: Instance) -> str:
-    """The state label of gateway_registry_instances: health wins over up/draining."""
-    return instance.health if instance.health != "healthy" else instance.state
 
 
 RETRY_RATIO: Final = 0.2  # retries allowed: 20% of the requests of the last second...
@@ -187,10 +181,7 @@ class _RegistryCollector(Collector):
             labels=["service", "state"],
         )
         for name in self._registry.service_names():
-            counts = dict.fromkeys(INSTANCE_STATES, 0)
-            for instance in self._registry.instances(name):
-                counts[instance_state(instance)] += 1
-            for state, count in counts.items():
+            for state, count in self._registry.state_counts(name).items():
                 family.add_metric([name, state], count)
         yield family
 
@@ -248,7 +239,8 @@ class GatewayMetrics:
             **self.request_numbers(),
             "instances": [
                 [name, i.id, i.in_flight]
-                for name in self.registry.service_names()
+                for name, stats in self.services.items()
+                if stats.in_flight  # only services with requests in flight: idle ones cost nothing
                 for i in self.registry.instances(name)
                 if i.in_flight
             ],

@@ -61,11 +61,10 @@ class Outliers:
 
     def _eject(self, instance: Instance, config: OutlierConfig) -> None:
         try:
-            peers = self.registry.instances(instance.service)
+            states = self.registry.state_counts(instance.service)
         except LookupError:
             return
-        ejected = sum(1 for i in peers if i.health == "ejected")
-        if ejected + 1 > int(len(peers) * config.max_ejected):
+        if states["ejected"] + 1 > int(sum(states.values()) * config.max_ejected):
             return  # never more than max_ejected of the service (a lone one: never)
         key = (instance.service, instance.id)
         times = self._ejections.get(key, 0) + 1

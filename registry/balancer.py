@@ -1,9 +1,19 @@
-"""Smooth weighted round-robin, as nginx does it (ngx_http_upstream_get_peer). Pure."""
+"""Weighted round-robin in O(log n) a pick: earliest virtual deadline first. Pure.
+
+Peer i's k-th pick (k = 0, 1, ...) has the deadline (k + 1/2) / weight_i; every pick
+takes the earliest (ties: the peer listed first). Over each cycle of W = sum of the
+weights picks, every peer gets exactly its weight; within it the picks are spread
+out: after any number t of picks a peer's count differs from its share
+t * weight / W by less than one. That is the distribution nginx's smooth weighted
+round-robin gives (weights 5,1,1: five a, one b, one c in each seven, no run of
+b or c), computed with a heap instead of a pass over every peer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from typing import Protocol, TypeVar
+import heapq
+from collections.abc import Collection, Sequence
+from typing import Generic, Protocol, TypeVar
 
 
 class Weighted(Protocol):
@@ -17,38 +27,31 @@ class Weighted(Protocol):
 P = TypeVar("P", bound=Weighted)
 
 
-class SmoothWeightedRoundRobin:
-    """Picks peers so that each gets its weight's share, spread out evenly.
+class WeightedRoundRobin(Generic[P]):
+    """The schedule of one set of peers; build a new one when the set or a weight changes."""
 
-    Every pick adds each candidate's weight to its running score, takes the
-    highest, and subtracts the total from the winner. Equal weights give a plain
-    rotation; weights 5,1,1 give a a b a c a a rather than a a a a a b c.
-    Scores are kept per peer id, so a peer leaving and returning keeps its place.
-    """
+    __slots__ = ("_heap",)
 
-    __slots__ = ("_scores",)
+    def __init__(self, peers: Sequence[P]) -> None:
+        # (deadline, position, picks so far, peer): positions are unique, so peers never compare
+        self._heap: list[tuple[float, int, int, P]] = [
+            (0.5 / peer.weight, position, 0, peer) for position, peer in enumerate(peers)
+        ]
+        heapq.heapify(self._heap)
 
-    def __init__(self) -> None:
-        self._scores: dict[str, int] = {}
-
-    def pick(self, candidates: Iterable[P], exclude: Collection[str] = ()) -> P | None:
-        scores = self._scores
-        best: P | None = None
-        best_score = 0
-        total = 0
-        for peer in candidates:
+    def pick(self, exclude: Collection[str] = ()) -> P | None:
+        heap = self._heap
+        skipped: list[tuple[float, int, int, P]] = []
+        chosen: P | None = None
+        while heap:
+            _, position, picked, peer = heap[0]
             if peer.id in exclude:
+                skipped.append(heapq.heappop(heap))
                 continue
-            weight = peer.weight
-            score = scores.get(peer.id, 0) + weight
-            scores[peer.id] = score
-            total += weight
-            if best is None or score > best_score:
-                best = peer
-                best_score = score
-        if best is not None:
-            scores[best.id] = best_score - total
-        return best
-
-    def forget(self, peer_id: str) -> None:
-        self._scores.pop(peer_id, None)
+            picked += 1
+            heapq.heapreplace(heap, ((picked + 0.5) / peer.weight, position, picked, peer))
+            chosen = peer
+            break
+        for entry in skipped:  # a retry's exclusions keep their place in the schedule
+            heapq.heappush(heap, entry)
+        return chosen

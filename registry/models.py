@@ -20,6 +20,8 @@ _HOST_RULE = (
 )
 MAX_METADATA_KEYS = 64
 STATES = ("up", "draining")
+# What an instance counts as in listings and gateway_registry_instances: health wins over state.
+INSTANCE_STATES = ("up", "draining", "ejected", "failing")
 SCHEMES = ("http", "https")
 
 
@@ -94,6 +96,11 @@ class Instance:
             "last_heartbeat": rfc3339(self.last_heartbeat),
             "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
         }
+
+
+def instance_state(instance: Instance) -> str:
+    """One of INSTANCE_STATES: "up" only when up and healthy (routable while its lease lasts)."""
+    return instance.health if instance.health != "healthy" else instance.state
 
 
 # An instance's registration, as a snapshot saves it and a worker's mirror takes it:

@@ -7,15 +7,17 @@ absolute expiry across a restart and tests move time by hand. The I/O shell
 
 from __future__ import annotations
 
-import math
+import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Final
 
-from registry.balancer import SmoothWeightedRoundRobin
+from registry.balancer import WeightedRoundRobin
 from registry.models import (
+    INSTANCE_STATES,
     Instance,
     InvalidField,
     format_address,
+    instance_state,
     validate_host,
     validate_id,
     validate_metadata,
@@ -42,14 +44,23 @@ class UnknownInstance(LookupError):
 
 
 class _Service:
+    """One service's instances and what is kept counted of them as they change.
+
+    ``track`` runs after every change of an instance and ``untrack`` at its removal, so
+    the routable list (up and healthy; leases are checked at the pick), the counts by
+    state and the weights in use never need a pass over the instances.
+    """
+
     __slots__ = (
         "name",
         "instances",
         "index",
-        "balancer",
         "routable",
-        "valid_until",
-        "uniform",
+        "positions",
+        "weights",
+        "states",
+        "counted",
+        "schedule",
         "turn",
     )
 
@@ -57,22 +68,52 @@ class _Service:
         self.name = name
         self.instances: dict[str, Instance] = {}
         self.index = 0
-        self.balancer = SmoothWeightedRoundRobin()
-        # What pick() chooses from, kept until a change or the earliest lease end in it.
-        self.routable: list[Instance] | None = None
-        self.valid_until = 0.0
-        self.uniform = True  # all weights equal: plain rotation gives the same order
+        self.routable: list[Instance] = []
+        self.positions: dict[str, int] = {}  # id -> its place in routable
+        self.weights: dict[int, int] = {}  # weight -> routable instances that have it
+        self.states: dict[str, int] = dict.fromkeys(INSTANCE_STATES, 0)
+        self.counted: dict[str, tuple[str, int]] = {}  # id -> (state, weight if routable else 0)
+        self.schedule: WeightedRoundRobin[Instance] | None = None  # built at the next pick
         self.turn = 0
 
-    def routable_at(self, now: float) -> list[Instance]:
-        routable = self.routable
-        if routable is None or now >= self.valid_until:
-            routable = self.routable = [i for i in self.instances.values() if i.routable(now)]
-            self.valid_until = min(
-                (i.expires_at for i in routable if i.expires_at is not None), default=math.inf
-            )
-            self.uniform = len({i.weight for i in routable}) <= 1
-        return routable
+    def track(self, instance: Instance) -> None:
+        state = instance_state(instance)
+        now = (state, instance.weight if state == "up" else 0)
+        before = self.counted.get(instance.id)
+        if before == now:
+            return
+        if before is not None:
+            self._uncount(instance.id, before)
+        self.counted[instance.id] = now
+        self.states[state] += 1
+        weight = now[1]
+        if weight:
+            self.positions[instance.id] = len(self.routable)
+            self.routable.append(instance)
+            self.weights[weight] = self.weights.get(weight, 0) + 1
+        self.schedule = None
+
+    def untrack(self, instance_id: str) -> None:
+        before = self.counted.pop(instance_id, None)
+        if before is not None:
+            self._uncount(instance_id, before)
+            self.schedule = None
+
+    def _uncount(self, instance_id: str, counted: tuple[str, int]) -> None:
+        state, weight = counted
+        self.states[state] -= 1
+        if not weight:
+            return
+        position = self.positions.pop(instance_id)
+        last = self.routable.pop()
+        if last.id != instance_id:  # the last one takes the leaving one's place
+            self.routable[position] = last
+            self.positions[last.id] = position
+        left = self.weights[weight] - 1
+        if left:
+            self.weights[weight] = left
+        else:
+            del self.weights[weight]
 
 
 class Registry:
@@ -89,6 +130,12 @@ class Registry:
         self.index = 0
         self._services: dict[str, _Service] = {}
         self._listeners: list[Listener] = []
+        # Lease ends, earliest first: (expires_at, entry, service, id). A heartbeat moves no
+        # entry: when one comes due for a lease renewed since, it goes back in at the new end.
+        self._leases: list[tuple[float, int, str, str]] = []
+        self._lease_entry: dict[tuple[str, str], tuple[float, int]] = {}  # its one valid entry
+        self._entries = 0
+        self._remote: set[tuple[str, str]] = set()  # instances other processes have requests on
 
     # -- observation -------------------------------------------------------
 
@@ -102,7 +149,6 @@ class Registry:
     def _changed(self, service: _Service) -> None:
         self.index += 1
         service.index = self.index
-        service.routable = None
 
     # -- configuration -------------------------------------------------------
 
@@ -123,7 +169,6 @@ class Registry:
             if existing is not None:
                 # Configured instances never expire, even if one also registered itself.
                 existing.ttl = existing.expires_at = None
-                service.routable = None
                 continue
             instance = Instance(
                 service=name,
@@ -134,6 +179,7 @@ class Registry:
                 last_heartbeat=now,
             )
             service.instances[instance_id] = instance
+            service.track(instance)
             self._changed(service)
             self._emit("registered", instance)
 
@@ -170,6 +216,8 @@ class Registry:
         instance.last_heartbeat = now
         if existing is None or not existing.static:
             instance.ttl, instance.expires_at = ttl, now + ttl
+            self._watch_lease(instance)
+        service.track(instance)
         self._changed(service)
         self._emit("registered", instance)
         return instance, existing is None
@@ -194,6 +242,7 @@ class Registry:
         instance.state, instance.weight, instance.metadata = state, weight, metadata
         instance.deregister_when_idle = when_idle and state == "draining"
         service = self._services[name]
+        service.track(instance)
         self._changed(service)
         self._emit("updated", instance)
         if instance.deregister_when_idle and instance.idle:
@@ -205,20 +254,24 @@ class Registry:
         instance = self.get(name, instance_id)
         if instance.health != health:
             instance.health = health
-            self._changed(self._services[name])
+            service = self._services[name]
+            service.track(instance)
+            self._changed(service)
             self._emit("updated", instance)
         return instance
 
     def mirror(self, name: str, fields: Mapping[str, Any]) -> None:
         """Take an instance as another registry holds it (a worker following the primary)."""
         service = self._service(name)
-        existing = service.instances.get(fields["id"])
-        if existing is None:
-            service.instances[fields["id"]] = Instance(service=name, **fields)
+        instance = service.instances.get(fields["id"])
+        if instance is None:
+            instance = service.instances[fields["id"]] = Instance(service=name, **fields)
         else:
             for key, value in fields.items():
-                setattr(existing, key, value)  # in place: requests in flight hold it
-            existing.readdress()
+                setattr(instance, key, value)  # in place: requests in flight hold it
+            instance.readdress()
+        self._watch_lease(instance)
+        service.track(instance)
         self._changed(service)
 
     def unmirror(self, name: str, instance_id: str) -> None:
@@ -253,11 +306,19 @@ class Registry:
 
     def counts(self, name: str) -> tuple[int, int]:
         """(instances, routable ones) of a service; (0, 0) for one never seen."""
-        if name not in self._services:
+        service = self._services.get(name)
+        if service is None:
             return 0, 0
-        now = self.clock()
-        instances = self.instances(name)
-        return len(instances), sum(1 for i in instances if i.routable(now))
+        self.expire()
+        return len(service.instances), len(service.routable)
+
+    def state_counts(self, name: str) -> dict[str, int]:
+        """A service's instances by state (INSTANCE_STATES), or UnknownService."""
+        service = self._services.get(name)
+        if service is None:
+            raise UnknownService(f"no service {name!r}")
+        self.expire()
+        return dict(service.states)
 
     def service_index(self, name: str) -> int:
         service = self._services.get(name)
@@ -275,68 +336,103 @@ class Registry:
         return 0 < index <= self.index and index >= self.service_index(name)
 
     def service_names(self) -> list[str]:
-        self.expire()
         return sorted(self._services)
 
     # -- leases --------------------------------------------------------------
 
     def expire(self) -> list[Instance]:
-        """Remove every instance whose lease has ended; returns them."""
+        """Remove every instance whose lease has ended; returns them.
+
+        Costs the leases that came due, not the registry's size: call it freely.
+        """
         now = self.clock()
-        gone = [
-            instance
-            for service in self._services.values()
-            for instance in service.instances.values()
-            if not instance.live(now)
-        ]
-        for instance in gone:
-            self._remove(self._services[instance.service], instance, "evicted")
+        leases = self._leases
+        gone = []
+        while leases and leases[0][0] <= now:
+            _, entry, name, instance_id = heapq.heappop(leases)
+            key = (name, instance_id)
+            if self._lease_entry.get(key, (0.0, -1))[1] != entry:
+                continue  # superseded by an earlier end pushed since
+            del self._lease_entry[key]
+            service = self._services.get(name)
+            instance = service.instances.get(instance_id) if service is not None else None
+            if service is None or instance is None or instance.expires_at is None:
+                continue  # gone, or static now
+            if instance.expires_at > now:
+                self._watch_lease(instance)  # renewed since it went in
+            else:
+                self._remove(service, instance, "evicted")
+                gone.append(instance)
         return gone
 
     def next_expiry(self) -> float | None:
-        expiries = [
-            instance.expires_at
-            for service in self._services.values()
-            for instance in service.instances.values()
-            if instance.expires_at is not None
-        ]
-        return min(expiries, default=None)
+        """When expire() next has something to do (it may find the lease renewed)."""
+        return self._leases[0][0] if self._leases else None
+
+    def _watch_lease(self, instance: Instance) -> None:
+        """Make sure a heap entry comes due no later than the instance's lease end."""
+        expires_at = instance.expires_at
+        if expires_at is None:
+            return
+        key = (instance.service, instance.id)
+        current = self._lease_entry.get(key)
+        if current is not None and current[0] <= expires_at:
+            return
+        self._entries += 1
+        self._lease_entry[key] = (expires_at, self._entries)
+        heapq.heappush(self._leases, (expires_at, self._entries, instance.service, instance.id))
 
     # -- the request path -------------------------------------------------------
 
     def pick(self, name: str, exclude: Collection[str] = ()) -> Instance | None:
-        """Next instance by smooth weighted round-robin among routable ones.
+        """Next instance by weighted round-robin among routable ones.
 
         A lease is checked here, at the moment of the pick: an instance whose lease
-        ended gets no traffic even if no sweep has removed it yet.
+        ended gets no traffic even if no sweep has removed it yet (it is removed now).
         """
         service = self._services.get(name)
         if service is None:
             return None
-        routable = service.routable_at(self.clock())
-        if not routable:
+        routable = service.routable
+        count = len(routable)
+        if count == 0:
             return None
-        if service.uniform:
-            count = len(routable)
+        chosen: Instance | None = None
+        if len(service.weights) == 1:  # equal weights: a plain rotation is the same order
             for _ in range(count):  # a retry skips the instances it tried already
                 turn = service.turn
                 service.turn = turn + 1
                 instance = routable[turn % count]
                 if instance.id not in exclude:
-                    return instance
-            return None
-        return service.balancer.pick(routable, exclude)
+                    chosen = instance
+                    break
+        else:
+            schedule = service.schedule
+            if schedule is None:
+                schedule = service.schedule = WeightedRoundRobin(routable)
+            chosen = schedule.pick(exclude)
+        if chosen is not None:
+            expires_at = chosen.expires_at
+            if expires_at is not None and expires_at <= self.clock():
+                self._remove(service, chosen, "evicted")
+                return self.pick(name, exclude)
+        return chosen
 
     def set_remote_in_flight(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Requests other processes have in flight, by (service, id), all of them at once.
 
         An instance drained with deregister_when_idle goes once every process is idle.
         """
-        for service in self._services.values():
-            for instance in list(service.instances.values()):
-                instance.remote_in_flight = counts.get((service.name, instance.id), 0)
-                if instance.deregister_when_idle and instance.idle:
-                    self._remove(service, instance, "deregistered")
+        touched = self._remote | counts.keys()
+        self._remote = {key for key, n in counts.items() if n}
+        for name, instance_id in touched:
+            service = self._services.get(name)
+            instance = service.instances.get(instance_id) if service is not None else None
+            if service is None or instance is None:
+                continue
+            instance.remote_in_flight = counts.get((name, instance_id), 0)
+            if instance.deregister_when_idle and instance.idle:
+                self._remove(service, instance, "deregistered")
 
     def request_started(self, instance: Instance) -> None:
         instance.in_flight += 1
@@ -360,6 +456,6 @@ class Registry:
         if service.instances.get(instance.id) is not instance:
             return
         del service.instances[instance.id]
-        service.balancer.forget(instance.id)
+        service.untrack(instance.id)
         self._changed(service)
         self._emit(event, instance)

@@ -285,21 +285,57 @@ def test_expire_removes_every_ended_lease(
     assert registry.expire() == []
 
 
-def test_next_expiry(registry: Registry, clock: FakeClock) -> None:
+def test_next_expiry_is_the_earliest_lease_end(registry: Registry, clock: FakeClock) -> None:
+    start = clock.now
     assert registry.next_expiry() is None
     registry.register("users", body(port=9000, ttl="30s"))
-    assert registry.next_expiry() == clock.now + 30
+    assert registry.next_expiry() == start + 30
     short, _ = registry.register("orders", body(port=9001, ttl="10s"))
-    assert registry.next_expiry() == clock.now + 10
+    assert registry.next_expiry() == start + 10
     registry.deregister("orders", short.id)
-    assert registry.next_expiry() == clock.now + 30
+    clock.advance(10)  # the timer wakes for a lease already gone: nothing to do, then the next
+    assert registry.expire() == []
+    assert registry.next_expiry() == start + 30
 
 
-def test_next_expiry_follows_a_heartbeat(registry: Registry, clock: FakeClock) -> None:
+def test_a_renewed_lease_is_found_renewed_when_its_old_end_comes(
+    registry: Registry, clock: FakeClock
+) -> None:
     instance, _ = registry.register("users", body(ttl="10s"))
     clock.advance(4)
-    registry.renew("users", instance.id)
-    assert registry.next_expiry() == clock.now + 10
+    registry.renew("users", instance.id)  # a heartbeat moves nothing in the heap
+    clock.advance(6)
+    assert registry.expire() == []
+    assert registry.next_expiry() == clock.now + 4
+    clock.advance(4)
+    assert registry.expire() == [instance]
+
+
+def test_a_shorter_lease_on_reregistration_ends_on_time(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register("users", body(ttl="60s"))
+    instance, _ = registry.register("users", body(ttl="5s"))
+    assert registry.next_expiry() == clock.now + 5
+    clock.advance(5)
+    assert registry.expire() == [instance]
+
+
+def test_counts_follow_every_change_without_a_listing(registry: Registry, clock: FakeClock) -> None:
+    for port in range(1, 1001):
+        registry.register(f"s{port % 10}", body(port=port, ttl="60s"))
+    registry.register("s1", body(port=5000, ttl="5s"))
+    registry.update("s1", "10.0.0.5:1", {"state": "draining"})
+    registry.set_health("s1", "10.0.0.5:11", "failing")
+    registry.set_health("s1", "10.0.0.5:21", "ejected")
+    registry.deregister("s1", "10.0.0.5:31")
+    assert registry.counts("s1") == (100, 97)
+    clock.advance(5)
+    assert registry.counts("s1") == (99, 96)  # the ended lease is gone from both
+    assert registry.state_counts("s1") == {"up": 96, "draining": 1, "ejected": 1, "failing": 1}
+    registry.set_health("s1", "10.0.0.5:11", "healthy")
+    assert registry.state_counts("s1")["up"] == 97
+    assert len({registry.pick("s1").id for _ in range(97)}) == 97  # type: ignore[union-attr]
 
 
 # -- deregister --------------------------------------------------------------------
@@ -649,7 +685,7 @@ def test_pick_follows_weights_and_exclude(registry: Registry) -> None:
     a, _ = registry.register("users", body(port=9000, weight=5))
     b, _ = registry.register("users", body(port=9001))
     c, _ = registry.register("users", body(port=9002))
-    assert picked_ids(registry, "users", 7) == [a.id, a.id, b.id, a.id, c.id, a.id, a.id]
+    assert picked_ids(registry, "users", 7) == [a.id, a.id, a.id, b.id, c.id, a.id, a.id]
     assert set(picked_ids(registry, "users", 5, exclude={a.id, b.id})) == {c.id}
     assert registry.pick("users", exclude={a.id, b.id, c.id}) is None
 
