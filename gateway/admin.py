@@ -15,7 +15,7 @@ from gateway.routing import BadPath, host_name, normalize_path
 from gateway.status import render
 from registry import api as registry_api
 from registry.runtime import RegistryRuntime
-from registry.store import Registry
+from registry.store import Registry, UnknownService
 
 PROXY = web.AppKey("proxy", Proxy)
 METRICS = web.AppKey("metrics", GatewayMetrics)
@@ -60,7 +60,17 @@ async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResp
 
 async def status_page(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
-    return web.Response(text=render(proxy.table, proxy.registry), content_type="text/html")
+    service = request.query.get("service")
+    if service is not None:
+        try:
+            proxy.registry.service_index(service)  # known?
+        except UnknownService as exc:
+            raise GatewayError(404, "unknown_service", str(exc)) from None
+    page = request.query.get("page", "1")
+    if not (page.isascii() and page.isdigit() and 0 < int(page) <= 1_000_000):
+        raise GatewayError(400, "invalid_page", "page must be an integer from 1")
+    page_html = render(proxy.table, proxy.registry, service, int(page))
+    return web.Response(text=page_html, content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,13 +1,22 @@
-"""The status page: GET / on the admin listener, a human view of routes and instances."""
+"""The status page: GET / on the admin listener, a human view of routes and instances.
+
+Its size follows the number of services, not of instances: a summary row per service,
+and the instances themselves listed only for a small registry or for one service
+(``/?service=NAME``), a page of PAGE_SIZE at a time (``&page=N``).
+"""
 
 from __future__ import annotations
 
 import time
 from html import escape
+from itertools import islice
 
 from gateway.routing import RouteTable
-from registry.models import Instance
+from registry.models import INSTANCE_STATES, Instance
 from registry.store import Registry
+
+PAGE_SIZE = 100  # instances a page; also the most listed without choosing a service
+MAX_ROUTES = 500  # route rows shown; the rest are in /routes
 
 _STYLE = (
     "body{font:14px system-ui,sans-serif;margin:2em;color:#222}"
@@ -21,15 +30,35 @@ def _cells(values: list[str], tag: str = "td") -> str:
     return "<tr>" + "".join(f"<{tag}>{v}</{tag}>" for v in values) + "</tr>"
 
 
+def _link(text: str, service: str, page: int = 1) -> str:
+    # Service names match SERVICE_NAME_RE ([a-z0-9._-]): nothing to quote or escape.
+    query = f"service={service}" if page == 1 else f"service={service}&amp;page={page}"
+    return f'<a href="/?{query}">{text}</a>'
+
+
 def _expires(instance: Instance, now: float) -> str:
     if instance.expires_at is None:
         return "static"
     return f"{max(0.0, instance.expires_at - now):.0f}s"
 
 
-def render(table: RouteTable, registry: Registry) -> str:
-    now = registry.clock()
-    routes = [
+def _instance_row(instance: Instance, now: float) -> str:
+    state, health = escape(instance.state), escape(instance.health)
+    return _cells(
+        [
+            escape(instance.service),
+            escape(instance.id),
+            escape(instance.address),
+            f'<span class="{state}">{state}</span>',
+            f'<span class="{health}">{health}</span>',
+            str(instance.in_flight + instance.remote_in_flight),
+            _expires(instance, now),
+        ]
+    )
+
+
+def _routes(table: RouteTable) -> str:
+    rows = [
         _cells(
             [
                 escape(route.host or "*"),
@@ -38,41 +67,82 @@ def render(table: RouteTable, registry: Registry) -> str:
                 "yes" if route.strip_prefix else "",
             ]
         )
-        for route in table.routes
+        for route in islice(table.routes, MAX_ROUTES)
     ]
-    instances = []
-    for name in registry.service_names():
-        members = registry.instances(name)
-        if not members:
-            instances.append(_cells([escape(name), "<i>no instances</i>", "", "", "", "", ""]))
-        for instance in members:
-            health = escape(instance.health)
-            instances.append(
-                _cells(
-                    [
-                        escape(name),
-                        escape(instance.id),
-                        escape(instance.address),
-                        f'<span class="{escape(instance.state)}">{escape(instance.state)}</span>',
-                        f'<span class="{health}">{health}</span>',
-                        str(instance.in_flight + instance.remote_in_flight),
-                        _expires(instance, now),
-                    ]
-                )
-            )
+    more = len(table.routes) - MAX_ROUTES
+    if more > 0:
+        rows.append(_cells([f'… and {more} more in <a href="/routes">/routes</a>', "", "", ""]))
+    return (
+        "<h2>Routes</h2><table>"
+        + _cells(["host", "prefix", "service", "strip prefix"], "th")
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _services(registry: Registry, names: list[str]) -> tuple[str, int]:
+    """The summary table, one row per service, and the count of all instances."""
+    rows = []
+    total = 0
+    for name in names:
+        counts = registry.state_counts(name)
+        instances = sum(counts.values())
+        total += instances
+        states = [str(counts[state]) if counts[state] else "" for state in INSTANCE_STATES]
+        listed = _link(str(instances), name) if instances else "<i>no instances</i>"
+        rows.append(_cells([name, listed, *states]))
+    table = (
+        "<h2>Services</h2><table>"
+        + _cells(["service", "instances", *INSTANCE_STATES], "th")
+        + "".join(rows)
+        + "</table>"
+    )
+    return table, total
+
+
+def _instances(registry: Registry, names: list[str], now: float, page: int) -> str:
+    members = [i for name in names for i in registry.instances(name)]
+    pages = max(1, -(-len(members) // PAGE_SIZE))
+    shown = members[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    heading = "Instances"
+    if len(names) == 1:
+        heading = f"Instances of {escape(names[0])} · {len(members)}"
+        if pages > 1:
+            heading += f" · page {page} of {pages}"
+            if page > 1:
+                heading += " · " + _link("previous", names[0], page - 1)
+            if page < pages:
+                heading += " · " + _link("next", names[0], page + 1)
+    return (
+        f"<h2>{heading}</h2><table>"
+        + _cells(["service", "id", "address", "state", "health", "in flight", "lease"], "th")
+        + "".join(_instance_row(instance, now) for instance in shown)
+        + "</table>"
+    )
+
+
+def render(table: RouteTable, registry: Registry, service: str | None = None, page: int = 1) -> str:
+    """The page; ``service`` (known to the registry) lists its instances, ``page`` of them."""
+    now = registry.clock()
+    names = registry.service_names()
+    summary, total = _services(registry, names)
+    if service is not None:
+        instances = _instances(registry, [service], now, page)
+    elif total <= PAGE_SIZE:
+        instances = _instances(registry, names, now, 1)
+    else:
+        instances = f"<p>{total} instances: choose a service above to list its instances.</p>"
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     return (
         "<!doctype html><html><head><meta charset=utf-8>"
         '<meta http-equiv="refresh" content="5"><title>gateway</title>'
         f"<style>{_STYLE}</style></head><body><h1>gateway</h1>"
         f"<p>{generated} · refreshes every 5 s · "
-        '<a href="/metrics">metrics</a> · <a href="/routes">routes (JSON)</a> · '
+        '<a href="/">overview</a> · <a href="/metrics">metrics</a> · '
+        '<a href="/routes">routes (JSON)</a> · '
         '<a href="/registry/services">services (JSON)</a></p>'
-        "<h2>Routes</h2><table>"
-        + _cells(["host", "prefix", "service", "strip prefix"], "th")
-        + "".join(routes)
-        + "</table><h2>Instances</h2><table>"
-        + _cells(["service", "id", "address", "state", "health", "in flight", "lease"], "th")
-        + "".join(instances)
-        + "</table></body></html>"
+        + _routes(table)
+        + summary
+        + instances
+        + "</body></html>"
     )

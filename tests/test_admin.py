@@ -172,3 +172,50 @@ async def test_status_page_lists_routes_and_instances(gateway_factory, upstreams
     assert "/api" in page and f"127.0.0.1:{up.port}" in page and "healthy" in page
     assert "/x&lt;y&gt;" in page and "<y>" not in page  # escaped
     assert "no instances" in page  # web has none
+
+
+async def _page(gw, path):
+    async with gw.session.get(gw.admin_url + path) as response:
+        return response.status, await response.text()
+
+
+async def test_status_page_of_a_big_registry_summarises_services_and_pages_instances(
+    gateway_factory,
+):
+    gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n")
+    registry = gw.gateway.registry
+    for port in range(1, 251):
+        registry.register(f"svc{port % 2}", {"host": "10.1.0.1", "port": port})
+    registry.update("svc0", "10.1.0.1:2", {"state": "draining"})
+    status, page = await _page(gw, "/")
+    assert status == 200
+    assert "10.1.0.1:" not in page  # 250 instances: not one of them listed, only counts
+    assert "<td>svc0</td><td>" in page and ">125</a>" in page
+    assert "<td>124</td><td>1</td>" in page  # svc0: 124 up, 1 draining
+    assert "250 instances: choose a service above" in page
+
+    status, page = await _page(gw, "/?service=svc0")
+    assert status == 200
+    assert page.count("<tr><td>svc0</td><td>10.1.0.1:") == 100 and "page 1 of 2" in page
+    assert 'href="/?service=svc0&amp;page=2">next</a>' in page
+    status, page = await _page(gw, "/?service=svc0&page=2")
+    assert (
+        page.count("<tr><td>svc0</td><td>10.1.0.1:") == 25
+        and "previous" in page
+        and "next" not in page
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("service=nope", 404, "unknown_service"),
+        ("service=web&page=0", 400, "invalid_page"),
+        ("service=web&page=x", 400, "invalid_page"),
+        ("page=%C2%B2", 400, "invalid_page"),
+    ],
+)
+async def test_status_page_refuses_a_bad_query(gateway_factory, query, status, code):
+    gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n")
+    answer, body, _ = await _get(gw, "/?" + query)
+    _assert_error(answer, body, status, code)
