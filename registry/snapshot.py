@@ -10,9 +10,13 @@ Times are absolute wall-clock seconds, so a lease keeps its expiry across a rest
 an instance whose lease ran out while the gateway was down is not restored.
 
 Writing is atomic (temp file, fsync, rename, fsync of the folder): a crash leaves the
-old file or the new one, never a torn one. A file that cannot be read back is moved
-aside with one warning and the gateway starts empty; loading never raises for bad
-content. No aiohttp here; the writer only needs a running asyncio loop for its timer.
+old file or the new one, never a torn one. It happens in a thread, at most every
+``interval`` seconds, and a heartbeat reaches the file only once its lease moved by a
+third of its ttl (SnapshotWriter). Any JSON of that shape loads, however it is spaced
+(this writer puts one instance a line; earlier ones indented every field). A file that
+cannot be read back is moved aside with one warning and the gateway starts empty;
+loading never raises for bad content. No aiohttp here; the writer needs a running
+asyncio loop for its timer and its thread.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -287,14 +292,37 @@ def load_snapshot(registry: Registry, path: Path) -> int:
 # -- writing ---------------------------------------------------------------------------
 
 
-def _document(registry: Registry) -> dict[str, Any]:
-    services: dict[str, list[dict[str, Any]]] = {}
-    for name in registry.service_names():
-        # In registry order, so a restored service round-robins in the same order.
-        leased = [i for i in registry.instances(name) if i.ttl is not None]
-        if leased:
-            services[name] = [{f: getattr(i, f) for f in REGISTRATION_FIELDS} for i in leased]
-    return {"version": VERSION, "saved_at": registry.clock(), "services": services}
+def _fragment(instance: Instance) -> bytes:
+    """One instance's entry of the file, encoded once when it changes."""
+    fields = {f: getattr(instance, f) for f in REGISTRATION_FIELDS}
+    return json.dumps(fields, allow_nan=False).encode()
+
+
+class _Saved:
+    """What the next write saves of one leased instance."""
+
+    __slots__ = ("instance", "expires_at", "fragment")
+
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+        self.expires_at = instance.expires_at
+        self.fragment = _fragment(instance)
+
+
+# (saved_at, [(service name, its instances' fragments in registry order)])
+_Document = tuple[float, list[tuple[str, list[bytes]]]]
+
+
+def _encode(document: _Document) -> bytes:
+    """The file's bytes: the JSON the module docstring shows, one instance a line."""
+    saved_at, services = document
+    parts = [b'{"version": %d, "saved_at": %s, "services": {' % (VERSION, repr(saved_at).encode())]
+    for position, (name, fragments) in enumerate(services):
+        parts.append(b"%s\n%s: [\n " % (b"," if position else b"", json.dumps(name).encode()))
+        parts.append(b",\n ".join(fragments))
+        parts.append(b"\n]")
+    parts.append(b"\n}}\n")
+    return b"".join(parts)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -326,88 +354,210 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class SnapshotWriter:
-    """Writes the registry to ``path`` at most ``delay`` seconds after any change.
+    """Keeps ``path`` up to date with the registry's leased instances, off the event loop.
 
-    Every registry event (heartbeats too: they move a lease's expiry) marks the state
-    dirty and, once started, schedules one write ``delay`` seconds later unless one is
-    already pending, so a burst of changes costs one write. A failed write is logged and
-    retried at the next change (and at stop); it never raises into the event loop.
+    Each instance's entry is encoded (one small json.dumps) on the loop when a registry
+    event changes it; a write takes the list of entries on the loop (a shallow copy) and
+    joins, writes and fsyncs it in a thread. Nothing holds the GIL, and so stalls the
+    loop, for as long as a json.dumps of the whole document would. A heartbeat changes
+    the entry only once the lease has moved by ttl/3 or more since the entry was
+    encoded: once written, the file's expiry of a lease is less than ttl/3 behind the
+    real one, and renewals between do not rewrite it.
+
+    Pacing: the first change after a quiet spell is written ``delay`` seconds later; a
+    write starts at least ``interval`` seconds after the previous one started; one write
+    is in flight at a time, and changes that arrive meanwhile cause one more write after
+    it. A failed write is logged and retried at the next change (and at stop); it never
+    raises into the event loop.
+
+    Instances the registry holds when the writer is made (restored by load_snapshot,
+    which emits no events) are taken then; later ones come from the registry's events.
     """
 
-    def __init__(self, registry: Registry, path: Path, delay: float = 0.1) -> None:
+    def __init__(
+        self, registry: Registry, path: Path, delay: float = 0.1, interval: float = 0.5
+    ) -> None:
         self.registry = registry
         self.path = path
         self.delay = delay
+        self.interval = interval
+        self._saved: dict[str, dict[str, _Saved]] = {}  # service -> id -> entry, registry order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._last_start = -math.inf  # loop time the last write started
         self._dirty = False
         self._failing: str | None = None  # the reason of the last failed write, if it failed
+        self._lock = threading.Lock()  # one file write at a time, in order
+        self._taken = self._written = 0  # generations: documents taken, the newest written
+        for name in registry.service_names():
+            for instance in registry.instances(name):
+                if instance.ttl is not None:
+                    self._saved.setdefault(name, {})[instance.id] = _Saved(instance)
         registry.subscribe(self._on_event)
 
     @property
     def pending(self) -> bool:
-        """A change has not reached the file yet."""
-        return self._dirty
+        """A change has not reached the file yet (none taken, or its write is in flight)."""
+        return self._dirty or self._writing is not None
+
+    @property
+    def scheduled_at(self) -> float | None:
+        """The loop time the next write is due, or None when none is scheduled."""
+        return self._timer.when() if self._timer is not None else None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._dirty:
+        if self._dirty and self._timer is None and self._writing is None:
             self._schedule()
 
     async def stop(self) -> None:
+        """Wait for a write in flight, then write what changed since, exact expiries too."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._loop = None
+        if self._writing is not None:
+            await asyncio.shield(self._writing)
+        self._refresh()
         if self._dirty:
-            self._write_logged()
+            await self._write(self._take())
+        self._settled.set()
+
+    async def settled(self) -> None:
+        """Return once no write is scheduled or in flight."""
+        while self._timer is not None or self._writing is not None:
+            await self._settled.wait()
 
     def write_now(self) -> None:
-        """Write the registry to the file now, atomically. Logs (never raises) an OSError."""
-        document = _document(self.registry)  # may evict ended leases, which marks us dirty
-        if self._timer is not None:  # what that would write is in this write already
-            self._timer.cancel()
-            self._timer = None
-        self._dirty = False
+        """Write every leased instance, exact expiries included, now, on this thread.
+
+        Logs (never raises) an OSError. A write in flight in the thread finishes first.
+        """
+        self._refresh()
         try:
-            data = json.dumps(document, indent=1, allow_nan=False).encode() + b"\n"
-            _write_atomically(self.path, data)
+            self._write_file(*self._take())
         except OSError as exc:
-            self._dirty = True
-            reason = str(exc.strerror or exc)
-            if reason != self._failing:
-                log.warning(
-                    "cannot write registry snapshot %s (%s); registrations are kept in "
-                    "memory and the write is retried at the next change",
-                    self.path,
-                    reason,
-                )
-            else:
-                log.debug("registry snapshot %s still not writable (%s)", self.path, reason)
-            self._failing = reason
-            return
-        if self._failing is not None:
-            log.info("registry snapshot %s written again", self.path)
-            self._failing = None
+            self._failed(exc)
+        else:
+            self._succeeded()
 
     # -- internals -----------------------------------------------------------
 
     def _on_event(self, event: str, service: str, instance: Instance) -> None:
+        entries = self._saved.get(service)
+        saved = entries.get(instance.id) if entries is not None else None
+        if saved is not None and saved.instance is not instance:
+            saved = None  # an older instance of the same id: its removal came first
+        if event in ("deregistered", "evicted") or instance.ttl is None:
+            if saved is not None and entries is not None:
+                del entries[instance.id]
+                if not entries:
+                    del self._saved[service]
+                self._mark()
+            return
+        if event == "heartbeat" and saved is not None and not self._moved(saved):
+            return
+        if entries is None:
+            entries = self._saved[service] = {}
+        elif saved is None:
+            entries.pop(instance.id, None)  # a new object goes last, as in the registry
+        entries[instance.id] = _Saved(instance)
+        self._mark()
+
+    @staticmethod
+    def _moved(saved: _Saved) -> bool:
+        """The lease has moved by ttl/3 or more from what the entry says."""
+        ttl, now, then = saved.instance.ttl, saved.instance.expires_at, saved.expires_at
+        if ttl is None or now is None or then is None:
+            return now != then
+        return abs(now - then) >= ttl / 3
+
+    def _refresh(self) -> None:
+        """Encode again every entry whose lease moved at all (for a stop: exact expiries)."""
+        for entries in self._saved.values():
+            for instance_id, saved in entries.items():
+                if saved.instance.expires_at != saved.expires_at:
+                    entries[instance_id] = _Saved(saved.instance)
+                    self._dirty = True
+
+    def _mark(self) -> None:
         self._dirty = True
-        if self._loop is not None and self._timer is None:
+        if self._loop is not None and self._timer is None and self._writing is None:
             self._schedule()
 
     def _schedule(self) -> None:
         assert self._loop is not None
-        if self._timer is None:
-            self._timer = self._loop.call_later(self.delay, self._fire)
+        when = max(self._loop.time() + self.delay, self._last_start + self.interval)
+        self._timer = self._loop.call_at(when, self._fire)
+        self._settled.clear()
 
     def _fire(self) -> None:
+        assert self._loop is not None
         self._timer = None
-        self._write_logged()
+        self._last_start = self._loop.time()
+        self._writing = self._loop.create_task(self._write_in_background(self._take()))
 
-    def _write_logged(self) -> None:
+    def _take(self) -> tuple[int, _Document]:
+        """The document as of now (a list of the entries' bytes): cheap, on the loop."""
+        self._dirty = False
+        self._taken += 1
+        services = [
+            (name, [saved.fragment for saved in self._saved[name].values()])
+            for name in sorted(self._saved)
+        ]
+        return self._taken, (self.registry.clock(), services)
+
+    async def _write_in_background(self, taken: tuple[int, _Document]) -> None:
+        again = False
         try:
-            self.write_now()
-        except Exception:  # a bug, not the disk: say so, keep the gateway running
-            log.exception("writing registry snapshot %s failed", self.path)
+            again = await self._write(taken)
+        finally:
+            self._writing = None
+            if again and self._loop is not None:
+                self._schedule()
+            else:
+                self._settled.set()
+
+    async def _write(self, taken: tuple[int, _Document]) -> bool:
+        """Write ``taken`` in a thread; returns whether changes came meanwhile."""
+        try:
+            await asyncio.to_thread(self._write_file, *taken)
+        except Exception as exc:
+            changed = self._dirty
+            self._failed(exc)
+            return changed
+        self._succeeded()
+        return self._dirty
+
+    def _write_file(self, generation: int, document: _Document) -> None:
+        """In a thread (on the caller's for write_now): encode and write, in order."""
+        data = _encode(document)
+        with self._lock:
+            if generation > self._written:  # else a newer document is in the file already
+                _write_atomically(self.path, data)
+                self._written = generation
+
+    def _failed(self, exc: Exception) -> None:
+        self._dirty = True  # retried at the next change, and at stop
+        if not isinstance(exc, OSError):  # a bug, not the disk: say so, keep running
+            log.error("writing registry snapshot %s failed", self.path, exc_info=exc)
+            return
+        reason = str(exc.strerror or exc)
+        if reason != self._failing:
+            log.warning(
+                "cannot write registry snapshot %s (%s); registrations are kept in "
+                "memory and the write is retried at the next change",
+                self.path,
+                reason,
+            )
+        else:
+            log.debug("registry snapshot %s still not writable (%s)", self.path, reason)
+        self._failing = reason
+
+    def _succeeded(self) -> None:
+        if self._failing is not None:
+            log.info("registry snapshot %s written again", self.path)
+            self._failing = None

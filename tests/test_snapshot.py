@@ -6,12 +6,17 @@ import asyncio
 import json
 import logging
 import os
+import random
 import re
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from registry import snapshot
 from registry.models import REGISTRATION_FIELDS as _FIELDS
 from registry.snapshot import FIELD_CHECKS, SnapshotWriter, load_snapshot
 from registry.store import Registry
@@ -301,102 +306,331 @@ def test_a_missing_file_restores_nothing_quietly(
 # -- the writer ----------------------------------------------------------------------------
 
 
-async def eventually(condition: Any, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met within 2 s"
-        await asyncio.sleep(0.02)
+@dataclass
+class Write:
+    """One call of registry.snapshot._write_atomically."""
+
+    thread: threading.Thread
+    document: dict[str, Any]
 
 
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Times of SnapshotWriter.write_now calls (which still write)."""
-    calls: list[float] = []
-    original = SnapshotWriter.write_now
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[Write]:
+    """The snapshot's file writes (they still write), in order."""
+    calls: list[Write] = []
+    original = snapshot._write_atomically
 
-    def counting(self: SnapshotWriter) -> None:
-        calls.append(asyncio.get_running_loop().time())
-        original(self)
+    def counting(path: Path, data: bytes) -> None:
+        calls.append(Write(threading.current_thread(), json.loads(data)))
+        original(path, data)
 
-    monkeypatch.setattr(SnapshotWriter, "write_now", counting)
+    monkeypatch.setattr(snapshot, "_write_atomically", counting)
     return calls
 
 
-def saved_ids(path: Path) -> dict[str, list[str]]:
+class Gate:
+    """Holds each file write, in its thread, until the test releases it."""
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+        self.loop = asyncio.get_running_loop()
+        self.entered = asyncio.Event()
+        self.release = threading.Event()
+        self.inside = 0
+
+    def __call__(self, path: Path, data: bytes) -> None:
+        self.inside += 1
+        self.loop.call_soon_threadsafe(self.entered.set)
+        assert self.release.wait(10), "the test never released the write"
+        self.inside -= 1
+        self.write(path, data)
+
+
+@pytest.fixture
+async def gate(writes: list[Write], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gate]:
+    held = Gate(snapshot._write_atomically)
+    monkeypatch.setattr(snapshot, "_write_atomically", held)
+    yield held
+    held.release.set()  # a failing test must not leave a thread waiting
+
+
+def eager(registry: Registry, path: Path) -> SnapshotWriter:
+    """A started writer without pacing: each change is written as soon as the loop runs."""
+    writer = SnapshotWriter(registry, path, delay=0.0, interval=0.0)
+    writer.start()
+    return writer
+
+
+def saved(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The file's instances by service and id."""
     if not path.exists():
         return {}
     services = json.loads(path.read_text())["services"]
-    return {name: [i["id"] for i in entries] for name, entries in services.items()}
+    return {name: {i["id"]: i for i in entries} for name, entries in services.items()}
 
 
-async def test_a_change_is_written_within_the_delay(
-    registry: Registry, clock: FakeClock, path: Path, writes: list[float]
+def saved_ids(path: Path) -> dict[str, list[str]]:
+    return {name: list(entries) for name, entries in saved(path).items()}
+
+
+async def test_heartbeats_within_a_third_of_the_ttl_write_nothing(
+    registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
 ) -> None:
-    writer = SnapshotWriter(registry, path)
-    writer.start()
-    started = asyncio.get_running_loop().time()
-    registry.register("users", {"host": "10.0.0.5", "port": 9000})
-    await eventually(lambda: saved_ids(path) == {"users": ["10.0.0.5:9000"]})
-    assert writes and writes[0] - started < 0.5
-    assert not writer.pending
-
-    registry.deregister("users", "10.0.0.5:9000")
-    await eventually(lambda: saved_ids(path) == {})
-    await writer.stop()
-    assert len(writes) == 2
-
-
-async def test_a_burst_of_heartbeats_is_one_write_and_saves_the_new_expiry(
-    registry: Registry, clock: FakeClock, path: Path, writes: list[float]
-) -> None:
-    writer = SnapshotWriter(registry, path)
+    writer = eager(registry, path)
     registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 30})
-    await asyncio.sleep(0.15)
-    assert writes == []  # not started: nothing scheduled yet
-    writer.start()  # a change from before start is written once started
-    await eventually(lambda: len(writes) == 1)
-
-    for _ in range(50):
-        clock.advance(0.1)
+    await writer.settled()
+    assert len(writes) == 1
+    for _ in range(1000):
+        clock.advance(0.0099)  # 9.9 s in all: less than ttl/3
         registry.renew("users", "10.0.0.5:9000")
-    await eventually(lambda: len(writes) == 2)
-    await asyncio.sleep(0.3)
+        assert not writer.pending and writer.scheduled_at is None
+    await writer.settled()
+    assert len(writes) == 1
+
+
+async def test_a_heartbeat_a_third_of_the_ttl_later_is_written(
+    registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
+) -> None:
+    writer = eager(registry, path)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 30})
+    await writer.settled()
+    clock.advance(9.99)
+    registry.renew("users", "10.0.0.5:9000")
+    assert not writer.pending
+    clock.advance(0.01)  # the lease is now 10 s (ttl/3) past the saved one
+    registry.renew("users", "10.0.0.5:9000")
+    assert writer.pending
+    await writer.settled()
     assert len(writes) == 2
-    saved = json.loads(path.read_text())["services"]["users"][0]
-    assert saved["expires_at"] == clock() + 30
-    assert saved["last_heartbeat"] == clock()
+    entry = saved(path)["users"]["10.0.0.5:9000"]
+    assert (entry["expires_at"], entry["last_heartbeat"]) == (clock() + 30, clock())
+    clock.advance(1)
+    registry.renew("users", "10.0.0.5:9000")  # measured from the new save: within ttl/3
+    assert not writer.pending
     await writer.stop()
-    assert len(writes) == 2  # nothing pending: stop writes nothing
 
 
-async def test_stop_writes_a_pending_change(
-    registry: Registry, path: Path, writes: list[float]
+CHANGES: dict[str, Any] = {
+    "registered": lambda r, c: r.register("users", {"host": "10.0.0.7", "port": 9000}),
+    "re-registered": lambda r, c: r.register(
+        "users", {"host": "10.0.0.5", "port": 9000, "weight": 3}
+    ),
+    "updated": lambda r, c: r.update("users", "10.0.0.5:9000", {"state": "draining"}),
+    "health": lambda r, c: r.set_health("users", "10.0.0.5:9000", "failing"),
+    "deregistered": lambda r, c: r.deregister("users", "10.0.0.5:9000"),
+    "evicted": lambda r, c: (c.advance(30), r.expire()),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+async def test_a_membership_or_state_change_is_written_at_once(
+    change: str, registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
+) -> None:
+    writer = eager(registry, path)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 30})
+    await writer.settled()
+    before = saved(path)
+    CHANGES[change](registry, clock)
+    assert writer.pending
+    await writer.settled()
+    assert len(writes) == 2
+    after = saved(path)
+    assert after != before
+    expected = {name: [i.id for i in registry.instances(name)] for name in ["users"]}
+    assert saved_ids(path) == {k: v for k, v in expected.items() if v}
+    if change != "evicted" and after.get("users"):
+        instance = registry.instances("users")[0]
+        assert after["users"][instance.id] == {f: getattr(instance, f) for f in _FIELDS}
+    await writer.stop()
+
+
+async def test_a_burst_of_registrations_is_at_most_two_writes(
+    registry: Registry, path: Path, writes: list[Write]
+) -> None:
+    writer = SnapshotWriter(registry, path)  # the default pacing
+    writer.start()
+    for n in range(100):
+        registry.register("users", {"host": f"10.0.1.{n}", "port": 9000})
+        await asyncio.sleep(0)  # the loop runs between them: timers, the write's thread
+    await writer.settled()
+    assert 1 <= len(writes) <= 2
+    assert len(saved_ids(path)["users"]) == 100
+    await writer.stop()
+    assert len(writes) <= 2
+
+
+async def test_the_first_change_after_a_quiet_spell_waits_the_delay_then_the_interval(
+    registry: Registry, path: Path, writes: list[Write]
+) -> None:
+    loop = asyncio.get_running_loop()
+    writer = SnapshotWriter(registry, path, delay=0.1, interval=0.5)
+    writer.start()
+    assert writer.scheduled_at is None
+    changed = loop.time()
+    registry.register("users", {"host": "10.0.0.5", "port": 9000})
+    due = writer.scheduled_at
+    assert due is not None and changed + 0.1 <= due <= loop.time() + 0.1
+    registry.register("users", {"host": "10.0.0.6", "port": 9000})
+    assert writer.scheduled_at == due  # one write for both
+    await writer.settled()
+    assert len(writes) == 1
+    # The next change, right after that write: it waits for the interval, not the delay.
+    registry.register("users", {"host": "10.0.0.7", "port": 9000})
+    following = writer.scheduled_at
+    assert following is not None
+    assert due + 0.5 <= following <= loop.time() + 0.5
+    await writer.stop()  # stop does not wait for the timer: it writes at once
+    assert len(writes) == 2
+    assert saved_ids(path) == {"users": ["10.0.0.5:9000", "10.0.0.6:9000", "10.0.0.7:9000"]}
+
+
+async def test_the_file_is_written_in_a_thread_while_the_loop_runs(
+    registry: Registry, path: Path, writes: list[Write], gate: Gate
+) -> None:
+    writer = eager(registry, path)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000})
+    await gate.entered.wait()  # the write has begun and is held in its thread
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0)  # the loop keeps running meanwhile
+        ticks += 1
+    assert ticks == 20 and gate.inside == 1 and writer.pending
+    # Changes during the write: no second write in flight, one more after it.
+    for n in range(5):
+        registry.register("users", {"host": f"10.0.1.{n}", "port": 9000})
+        await asyncio.sleep(0)
+    assert gate.inside == 1 and writer.scheduled_at is None
+    gate.release.set()
+    await writer.settled()
+    assert len(writes) == 2
+    assert all(w.thread is not threading.main_thread() for w in writes)
+    assert len(saved_ids(path)["users"]) == 6
+    await writer.stop()
+    assert len(writes) == 2
+
+
+async def test_stop_waits_for_the_write_in_flight_then_writes_the_last_changes(
+    registry: Registry, path: Path, writes: list[Write], gate: Gate
+) -> None:
+    writer = eager(registry, path)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000})
+    await gate.entered.wait()
+    registry.register("users", {"host": "10.0.0.6", "port": 9000})
+    stopping = asyncio.create_task(writer.stop())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not stopping.done() and gate.inside == 1
+    gate.release.set()
+    await stopping
+    assert [len(w.document["services"]["users"]) for w in writes] == [1, 2]
+    assert not writer.pending
+    assert saved_ids(path) == {"users": ["10.0.0.5:9000", "10.0.0.6:9000"]}
+
+
+async def test_stop_writes_a_pending_change_and_exact_expiries(
+    registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
 ) -> None:
     writer = SnapshotWriter(registry, path, delay=60.0)
     writer.start()
-    registry.register("users", {"host": "10.0.0.5", "port": 9000})
-    await asyncio.sleep(0.05)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 30})
+    clock.advance(2)
+    registry.renew("users", "10.0.0.5:9000")  # within ttl/3: on its own it waits
     assert writes == [] and writer.pending
     await writer.stop()
     assert len(writes) == 1
-    assert saved_ids(path) == {"users": ["10.0.0.5:9000"]}
+    assert saved(path)["users"]["10.0.0.5:9000"]["expires_at"] == clock() + 30
 
     registry.register("users", {"host": "10.0.0.6", "port": 9000})  # after stop: no timer
-    await asyncio.sleep(0.05)
+    assert writer.scheduled_at is None
+    await writer.settled()
     assert len(writes) == 1
 
 
-async def test_an_eviction_is_a_change(
-    registry: Registry, clock: FakeClock, path: Path, writes: list[float]
+async def test_stop_with_nothing_pending_writes_nothing(
+    registry: Registry, path: Path, writes: list[Write]
 ) -> None:
-    writer = SnapshotWriter(registry, path)
-    writer.start()
-    registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 10})
-    await eventually(lambda: saved_ids(path) == {"users": ["10.0.0.5:9000"]})
-    clock.advance(10)
-    registry.expire()
-    await eventually(lambda: saved_ids(path) == {})
+    writer = eager(registry, path)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000})
+    await writer.settled()
     await writer.stop()
+    assert len(writes) == 1
+
+
+async def test_after_a_restart_each_lease_is_within_a_third_of_its_ttl(
+    registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
+) -> None:
+    writer = eager(registry, path)
+    rng = random.Random(7)
+    ttls = {f"10.0.0.{n}:9000": float(rng.choice([3, 10, 30, 90])) for n in range(20)}
+    due: dict[str, float] = {}
+    for instance_id, ttl in ttls.items():
+        registry.register("users", {"host": instance_id.split(":")[0], "port": 9000, "ttl": ttl})
+        due[instance_id] = clock() + rng.uniform(0, ttl / 3)
+    heartbeats = 0
+    for _ in range(200):
+        clock.advance(rng.uniform(0, 0.5))
+        for instance_id, ttl in ttls.items():
+            if due[instance_id] <= clock():  # like the sidecar: every ttl/3, give or take
+                registry.renew("users", instance_id)
+                heartbeats += 1
+                due[instance_id] = clock() + ttl / 3 * rng.uniform(0.5, 1.1)
+        await writer.settled()
+        # The gateway dies now: what the file holds is what a restart gets.
+        restored = fresh(clock)
+        assert load_snapshot(restored, path) == len(ttls)
+        for instance in restored.instances("users"):
+            real = registry.get("users", instance.id).expires_at
+            assert real is not None and instance.expires_at is not None
+            assert 0 <= real - instance.expires_at < ttls[instance.id] / 3
+    saves = {(i["id"], i["expires_at"]) for w in writes for i in w.document["services"]["users"]}
+    assert heartbeats > 500 and len(saves) < heartbeats * 0.8
+    await writer.stop()
+
+
+async def test_an_instance_restored_before_the_writer_is_kept_in_the_file(
+    registry: Registry, clock: FakeClock, path: Path, writes: list[Write]
+) -> None:
+    registry.register("users", {"host": "10.0.0.5", "port": 9000, "ttl": 30})
+    save(registry, path)
+    restored = fresh(clock)
+    assert load_snapshot(restored, path) == 1  # no registry events for these
+    writer = eager(restored, path)
+    restored.register("users", {"host": "10.0.0.6", "port": 9000})
+    await writer.settled()
+    assert saved_ids(path) == {"users": ["10.0.0.5:9000", "10.0.0.6:9000"]}
+    await writer.stop()
+
+
+async def test_a_lease_that_became_static_leaves_the_file_at_its_next_event(
+    registry: Registry, path: Path, writes: list[Write]
+) -> None:
+    writer = eager(registry, path)
+    registry.register("web", {"host": "127.0.0.1", "port": 9001})
+    await writer.settled()
+    registry.set_static("web", [("127.0.0.1", 9001)])  # now in routes.yaml (no event)
+    registry.renew("web", "127.0.0.1:9001")
+    await writer.settled()
+    assert saved_ids(path) == {}
+    await writer.stop()
+
+
+def test_a_file_in_the_previous_writers_layout_loads_the_same(
+    registry: Registry, clock: FakeClock, path: Path
+) -> None:
+    populate(registry, clock)
+    services = {
+        name: [{f: getattr(i, f) for f in _FIELDS} for i in registry.instances(name)]
+        for name in registry.service_names()
+    }
+    previous = {"version": 1, "saved_at": clock(), "services": services}
+    save(registry, path)
+    assert json.loads(path.read_text()) == previous  # the same document, spaced otherwise
+    from_new = fresh(clock)
+    assert load_snapshot(from_new, path) == 3
+    path.write_text(json.dumps(previous, indent=1) + "\n")  # as the previous writer wrote it
+    from_previous = fresh(clock)
+    assert load_snapshot(from_previous, path) == 3
+    assert everything(from_previous) == everything(from_new)
 
 
 # -- crash safety ------------------------------------------------------------------------
@@ -415,10 +649,10 @@ async def test_a_failed_write_keeps_the_old_file_and_the_gateway_running(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    writer = SnapshotWriter(registry, path, delay=0.01)
-    writer.start()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    writer = eager(registry, path)
     registry.register("users", {"host": "10.0.0.5", "port": 9000})
-    await eventually(lambda: not writer.pending)
+    await writer.settled()
     old = path.read_bytes()
     assert leftovers(path) == []
 
@@ -430,10 +664,11 @@ async def test_a_failed_write_keeps_the_old_file_and_the_gateway_running(
     else:
         monkeypatch.setattr(os, failing, broken)
     registry.register("users", {"host": "10.0.0.6", "port": 9000})
-    await asyncio.sleep(0.1)  # the timer fired and its write failed
-    for _ in range(3):
-        registry.renew("users", "10.0.0.6:9000")
-        await asyncio.sleep(0.05)
+    await writer.settled()  # its write failed
+    assert writer.pending and writer.scheduled_at is None  # retried at the next change
+    for weight in (2, 3, 4):
+        registry.update("users", "10.0.0.6:9000", {"weight": weight})
+        await writer.settled()  # failed again
     monkeypatch.undo()
 
     assert writer.pending
@@ -448,7 +683,33 @@ async def test_a_failed_write_keeps_the_old_file_and_the_gateway_running(
 
     await writer.stop()  # the change still pending is written now
     assert saved_ids(path) == {"users": ["10.0.0.5:9000", "10.0.0.6:9000"]}
+    assert saved(path)["users"]["10.0.0.6:9000"]["weight"] == 4
     assert leftovers(path) == []
+    assert records(caplog, logging.INFO)[-1].getMessage() == (
+        f"registry snapshot {path} written again"
+    )
+
+
+async def test_a_bug_in_a_write_is_logged_and_the_writer_goes_on(
+    registry: Registry,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writer = eager(registry, path)
+
+    def buggy(path: Path, data: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(snapshot, "_write_atomically", buggy)
+    registry.register("users", {"host": "10.0.0.5", "port": 9000})
+    await writer.settled()
+    assert [r.getMessage() for r in records(caplog, logging.ERROR)] == [
+        f"writing registry snapshot {path} failed"
+    ]
+    monkeypatch.undo()
+    await writer.stop()
+    assert saved_ids(path) == {"users": ["10.0.0.5:9000"]}
 
 
 def test_write_now_on_a_read_only_target_logs_and_returns(
