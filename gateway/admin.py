@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from gateway.errors import GatewayError, error_response, to_response
 from gateway.metrics import GatewayMetrics
@@ -88,8 +90,21 @@ async def metrics(request: web.Request) -> web.Response:
     # Evict ended leases first, so a scrape never shows an instance gone from
     # gateway_registry_instances without its eviction counted.
     request.app[registry_api.REGISTRY].expire()
-    body = generate_latest(request.app[METRICS].collector_registry)
+    # The values are read here, on the loop (they change under it); the text is written in
+    # a thread: two thirds of a scrape's time, which the loop then shares every 5 ms.
+    families = _Collected(list(request.app[METRICS].collector_registry.collect()))
+    body = await asyncio.to_thread(generate_latest, families)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Collected:
+    """Metric families already collected, in the shape generate_latest reads."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 async def routes(request: web.Request) -> web.Response:
