@@ -9,7 +9,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,9 +320,10 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[Write]:
     calls: list[Write] = []
     original = snapshot._write_atomically
 
-    def counting(path: Path, data: bytes) -> None:
+    def counting(path: Path, chunks: Iterable[bytes]) -> None:
+        data = b"".join(chunks)
         calls.append(Write(threading.current_thread(), json.loads(data)))
-        original(path, data)
+        original(path, [data])
 
     monkeypatch.setattr(snapshot, "_write_atomically", counting)
     return calls
@@ -338,12 +339,12 @@ class Gate:
         self.release = threading.Event()
         self.inside = 0
 
-    def __call__(self, path: Path, data: bytes) -> None:
+    def __call__(self, path: Path, chunks: Iterable[bytes]) -> None:
         self.inside += 1
         self.loop.call_soon_threadsafe(self.entered.set)
         assert self.release.wait(10), "the test never released the write"
         self.inside -= 1
-        self.write(path, data)
+        self.write(path, chunks)
 
 
 @pytest.fixture
@@ -618,6 +619,8 @@ def test_a_file_in_the_previous_writers_layout_loads_the_same(
     registry: Registry, clock: FakeClock, path: Path
 ) -> None:
     populate(registry, clock)
+    for n in range(600):  # more than one chunk of the file
+        registry.register("bulk", {"host": f"10.1.{n // 256}.{n % 256}", "port": 80, "ttl": 60})
     services = {
         name: [{f: getattr(i, f) for f in _FIELDS} for i in registry.instances(name)]
         for name in registry.service_names()
@@ -626,10 +629,10 @@ def test_a_file_in_the_previous_writers_layout_loads_the_same(
     save(registry, path)
     assert json.loads(path.read_text()) == previous  # the same document, spaced otherwise
     from_new = fresh(clock)
-    assert load_snapshot(from_new, path) == 3
+    assert load_snapshot(from_new, path) == 603
     path.write_text(json.dumps(previous, indent=1) + "\n")  # as the previous writer wrote it
     from_previous = fresh(clock)
-    assert load_snapshot(from_previous, path) == 3
+    assert load_snapshot(from_previous, path) == 603
     assert everything(from_previous) == everything(from_new)
 
 
@@ -698,7 +701,7 @@ async def test_a_bug_in_a_write_is_logged_and_the_writer_goes_on(
 ) -> None:
     writer = eager(registry, path)
 
-    def buggy(path: Path, data: bytes) -> None:
+    def buggy(path: Path, chunks: Iterable[bytes]) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(snapshot, "_write_atomically", buggy)
