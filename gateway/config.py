@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from gateway import yamltree
 from registry.models import SERVICE_NAME_RE, InvalidField, format_address, validate_host
 from registry.units import parse_duration, parse_size
 
@@ -148,7 +149,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None = None) -> Config:
     """Parse config text; ``Config.path`` is None (load_config sets it)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yamltree.compose(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
@@ -226,17 +227,13 @@ def describe_routes(config: Config) -> list[str]:
 def shadow_warnings(config: Config) -> list[str]:
     """Warn where a longer prefix takes paths from the route that would otherwise match."""
     filename = str(config.path) if config.path is not None else "routes.yaml"
+    first: dict[tuple[str | None, str], RouteConfig] = {}
+    for route in config.routes:
+        first.setdefault((route.host, route.prefix), route)
     warnings = []
     for route in config.routes:
-        covering = [
-            other
-            for other in config.routes
-            if other.host in (route.host, None) and _covers(other.prefix, route.prefix)
-        ]
-        if not covering:
-            continue
-        nearest = max(covering, key=lambda other: (len(other.prefix), other.host is not None))
-        if nearest.service != route.service:
+        nearest = _nearest_cover(first, route)
+        if nearest is not None and nearest.service != route.service:
             warnings.append(
                 f"warning: {filename}:{route.line}: prefix {route.prefix} (service {route.service})"
                 f" shadows part of {nearest.prefix} (service {nearest.service})"
@@ -655,8 +652,20 @@ def _describe(node: Node, value: object) -> str:
     return repr(value) if isinstance(value, str) else str(node.value) or "null"
 
 
-def _covers(short: str, long: str) -> bool:
-    return short != long and (short == "/" or long.startswith(short + "/"))
+def _nearest_cover(
+    first: dict[tuple[str | None, str], RouteConfig], route: RouteConfig
+) -> RouteConfig | None:
+    """The route with the longest prefix above ``route``'s, for its host or any host
+    (the host's own first): a walk up the path, segment by segment, not over all routes."""
+    prefix = route.prefix
+    while prefix != "/":
+        prefix = prefix.rsplit("/", 1)[0] or "/"
+        found = (route.host is not None and first.get((route.host, prefix))) or first.get(
+            (None, prefix)
+        )
+        if found:
+            return found
+    return None
 
 
 def _route_options(route: RouteConfig, proxy: ProxySettings) -> str:

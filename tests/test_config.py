@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config import (
     AdminConfig,
@@ -634,6 +636,63 @@ def test_shadow_warnings_name_the_loaded_file(tmp_path: Path) -> None:
     assert shadow_warnings(load_config(path)) == [
         f"warning: {path}:18: prefix /api/users (service users) shadows part of / (service web)"
     ]
+
+
+def _quadratic_shadow_warnings(config: Config) -> list[str]:
+    """The first, all-pairs version of shadow_warnings: the reference it must agree with."""
+    warnings = []
+    for route in config.routes:
+        covering = [
+            other
+            for other in config.routes
+            if other.host in (route.host, None)
+            and other.prefix != route.prefix
+            and (other.prefix == "/" or route.prefix.startswith(other.prefix + "/"))
+        ]
+        if covering:
+            nearest = max(covering, key=lambda o: (len(o.prefix), o.host is not None))
+            if nearest.service != route.service:
+                warnings.append(
+                    f"warning: routes.yaml:{route.line}: prefix {route.prefix} (service "
+                    f"{route.service}) shadows part of {nearest.prefix} (service {nearest.service})"
+                )
+    return warnings
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(["a", "b", "ab"]), max_size=3),
+            st.sampled_from(["s1", "s2", "s3"]),
+            st.sampled_from([None, "x.example", "y.example"]),
+        ),
+        max_size=12,
+    )
+)
+def test_shadow_warnings_agree_with_the_all_pairs_rule(
+    routes: list[tuple[list[str], str, str | None]],
+) -> None:
+    config = Config(
+        path=None,
+        routes=tuple(
+            RouteConfig(prefix="/" + "/".join(parts), service=service, host=host, line=line)
+            for line, (parts, service, host) in enumerate(routes, 1)
+        ),
+    )
+    assert shadow_warnings(config) == _quadratic_shadow_warnings(config)
+
+
+def test_shadow_warnings_at_10000_routes() -> None:
+    """10,000 routes (the all-pairs version took 76 s in `gateway check`)."""
+    routes = tuple(
+        RouteConfig(prefix=f"/api/v{i % 7}/s{i}", service=f"s{i % 3}", line=i)
+        for i in range(10_000)
+    ) + (RouteConfig(prefix="/api", service="api", line=10_001),)
+    warnings = shadow_warnings(Config(path=None, routes=routes))
+    assert len(warnings) == 10_000
+    assert warnings[0] == (
+        "warning: routes.yaml:0: prefix /api/v0/s0 (service s0) shadows part of /api (service api)"
+    )
 
 
 def test_relative_snapshot_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
