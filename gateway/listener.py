@@ -23,6 +23,10 @@ from gateway.exchange import Exchange
 from gateway.headers import MAX_TOTAL, HeaderError, RequestHead, new_request_id
 from gateway.proxy import Proxy
 
+# What a closed connection keeps instead of its own parser, whose callbacks are bound
+# methods of the connection (a cycle the collector would have to find): calls nothing.
+_DETACHED: Final = httptools.HttpRequestParser(None)
+
 log = logging.getLogger("gateway.listener")
 
 MAX_URL: Final = 8 * 1024
@@ -38,6 +42,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.proxy = listener.proxy
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b""
+        # It holds bound methods of this connection (a cycle): connection_lost swaps it.
         self.parser = httptools.HttpRequestParser(self)
         self.head: RequestHead | None = None
         self.url = b""
@@ -109,14 +114,17 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             return
         except httptools.HttpParserError as exc:
             error, self._error = self._error, None
-            if error is None and isinstance(exc, httptools.HttpParserCallbackError):
+            if error is not None:
+                # Raised in a callback: its traceback holds this frame, which holds it.
+                error.__traceback__ = None
+            elif isinstance(exc, httptools.HttpParserCallbackError):
                 log.error(
                     "error handling a request from %s",
                     self.peer_ip.decode(),
                     exc_info=exc.__context__,
                 )
                 error = HeaderError(500, "internal_error", "the gateway failed on this request")
-            elif error is None:
+            else:
                 error = HeaderError(400, "bad_request", f"malformed request: {_reason(exc)}")
             self._refuse(error)
             return
@@ -151,11 +159,19 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         # else: the gateway answered the handshake itself, and that answer closes
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The one teardown: every reference that could lead back here is dropped (the
+        parser's callbacks, the transport, the exchanges), so that reference counting
+        alone frees the connection, without waiting for the cycle collector."""
         self.listener.forget(self)
-        for exchange in {self.parsing, self.active, *self.queue} - {None}:
-            exchange.client_lost()  # type: ignore[union-attr]
+        for exchange in {self.parsing, self.active, self.upgrading, self.tunnel, *self.queue}:
+            if exchange is not None:
+                exchange.client_lost()
         self.queue.clear()
-        self.parsing = self.active = None
+        self.parsing = self.active = self.upgrading = self.tunnel = None
+        self.parser = _DETACHED
+        self.transport = None
+        self.head = None
+        self._error = None
 
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost follows
@@ -204,7 +220,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         http11 = (keep_alive and not head.keep_alive) or parser.get_http_version() == "1.1"
         upgrade = head.upgrade_to is not None and parser.should_upgrade()
         if upgrade:
-            self._upgrade_head(head)
+            self._upgrade_head(head, parser)
         exchange = Exchange(
             self.proxy,
             self,
@@ -228,13 +244,13 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             self.queue.append(exchange)
             self.pause("pipeline")
 
-    def _upgrade_head(self, head: RequestHead) -> None:
+    def _upgrade_head(self, head: RequestHead, parser: httptools.HttpRequestParser) -> None:
         """llhttp will stop after this head and take what follows for another protocol.
         Only a WebSocket handshake (GET, no body) is tunnelled; any other Upgrade is
         answered as plain HTTP/1.1, which a body would make ambiguous: refused."""
         if not head.has_body:
             return
-        if head.websocket and self.parser.get_method() == b"GET":
+        if head.websocket and parser.get_method() == b"GET":
             message = "malformed request: a WebSocket handshake with a body"
         else:
             message = "malformed request: a body on an Upgrade request (not tunnelled)"

@@ -17,6 +17,10 @@ import httptools
 
 from gateway.headers import MAX_TOTAL
 
+# What a closed connection keeps instead of its own parser, whose callbacks are bound
+# methods of the connection (a cycle the collector would have to find): calls nothing.
+_DETACHED: Final = httptools.HttpResponseParser(None)
+
 if TYPE_CHECKING:
     from registry.models import Instance
 
@@ -67,7 +71,9 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self.owner: Owner | None = None
         self.idle_since = 0.0
         self.closed = False
-        self._parser = httptools.HttpResponseParser(self)
+        # Its own parser holds bound methods of this connection (a cycle): made by
+        # connection_made, swapped back by connection_lost (a failed connect calls neither).
+        self._parser = _DETACHED
         self._head: bytes | None = None  # raw bytes received while the head is incomplete
         self._no_body = False  # the request was HEAD: the response has no body
         self._skip_body = False  # head of a bodiless response seen; anything more is an error
@@ -141,6 +147,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
 
@@ -187,8 +194,13 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             owner.on_upstream_lost(error, "protocol")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The one teardown: the parser (its callbacks lead back here), the transport and
+        the owner are dropped, so that reference counting alone frees the connection."""
         self.closed = True
         self.pool.discard(self)
+        self._parser = _DETACHED
+        self.transport = None
+        self._head = None
         owner, self.owner = self.owner, None
         if owner is not None:
             owner.on_upstream_lost(str(exc) if exc else "connection closed", "reset")
@@ -209,7 +221,8 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
     def on_headers_complete(self) -> None:
         raw = self._head or b""
         end = raw.find(b"\r\n\r\n")
-        status = self._parser.get_status_code()
+        parser = self._parser
+        status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): wait for the final one.
             self._head = raw[end + 4 :]
@@ -220,7 +233,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             return
         if self._no_body:
             self._skip_body = True
-        owner.on_response_head(status, raw[: end + 2], self._parser.should_keep_alive())
+        owner.on_response_head(status, raw[: end + 2], parser.should_keep_alive())
         if self._skip_body and self.owner is owner:
             owner.on_response_complete()
 
