@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -17,13 +18,13 @@ from aiohttp import web
 
 from gateway import data_plane_build
 from gateway.admin import build_admin_app
-from gateway.config import Config, ConfigError, HealthCheckConfig, load_config
+from gateway.config import Config, ConfigError, HealthCheckConfig
 from gateway.health import HealthChecker
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.outliers import Outliers, outlier_configs
 from gateway.proxy import Proxy
-from gateway.reload import FileWatcher
+from gateway.reload import FileWatcher, load_off_loop
 from gateway.routing import RouteTable
 from gateway.workers import Workers
 from registry.feed import RegistryFeed
@@ -102,6 +103,7 @@ class Gateway:
         self.readiness: dict[str, str] = {}
         self._admin: web.AppRunner | None = None
         self._listener: Listener | None = None
+        self._reloading = asyncio.Lock()
         self._workers: Workers | None = None
         self.proxy: Proxy | None = None
         self.proxy_port = 0
@@ -157,8 +159,8 @@ class Gateway:
     def _apply_services(self, config: Config, previous: Config | None) -> None:
         """Make the config's services known and its static instances registered; static
         instances of services the previous config had and this one drops go."""
-        for route in config.routes:
-            self.registry.declare(route.service)
+        for name in dict.fromkeys(route.service for route in config.routes):
+            self.registry.declare(name)
         for name, service in config.services.items():
             self.registry.declare(name)
             self.registry.set_static(name, service.instances)
@@ -166,17 +168,22 @@ class Gateway:
             for name in set(previous.services) - set(config.services):
                 self.registry.set_static(name, ())
 
-    def reload(self) -> bool:
+    async def reload(self) -> bool:
         """Load the config file again; a valid one replaces the routing table atomically.
 
-        Returns whether it was applied. Addresses to listen on are not changed by a
-        reload (that needs a restart).
+        Returns whether it was applied. The file is parsed in a thread; reloads asked
+        for at once run one after the other. Addresses to listen on are not changed by
+        a reload (that needs a restart).
         """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         path = self.config.path
         if path is None:
             return False
         try:
-            config = load_config(path)
+            config, table = await load_off_loop(path)
         except ConfigError as error:
             for line in error.errors:
                 log.error("reload refused, the old config keeps serving: %s", line)
@@ -188,7 +195,7 @@ class Gateway:
         self.config = config
         self.health.configure(_checks(config))
         if self.proxy is not None:
-            self.proxy.table = RouteTable(config.routes)
+            self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
         if self._listener is not None:
             self._listener.settings = config.proxy
@@ -233,8 +240,7 @@ async def serve(gateway: Gateway) -> None:
 
     def on_sighup() -> None:
         if watcher is not None:
-            watcher.changed()  # note the file as seen: the watcher must not load it twice
-        gateway.reload()
+            watcher.ask()
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info(
@@ -279,6 +285,10 @@ def tune_malloc() -> None:
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed (about 30% faster here), else asyncio."""
     tune_malloc()
+    # The loop shares the GIL with threads that parse a reload, write the snapshot and
+    # format /metrics; by default it waits 5 ms and more for its turn. With 1 ms, the
+    # loop's gaps during a 10,000-route reload: one over 10 ms instead of seven.
+    sys.setswitchinterval(0.001)
     try:
         import uvloop
     except ImportError:

@@ -16,11 +16,12 @@ import socket
 import sys
 import time
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError
 from gateway.listener import Listener
 from gateway.metrics import GatewayMetrics
 from gateway.outliers import Outliers, outlier_configs
 from gateway.proxy import Proxy
+from gateway.reload import FileWatcher, load_off_loop
 from gateway.routing import RouteTable
 from registry.feed import RegistryFeed, follow, stats_line
 from registry.store import Registry
@@ -114,17 +115,21 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         loop.add_signal_handler(sig, stopping.set)
     following.add_done_callback(lambda _: stopping.set())  # the primary is gone
 
-    def reload() -> None:  # the primary checked the file before it signalled
+    async def reload() -> None:  # the primary checked the file before it signalled
+        assert config.path is not None
         try:
-            fresh = load_config(config.path) if config.path is not None else None
+            fresh, table = await load_off_loop(config.path)
         except ConfigError:
             return
-        if fresh is not None:
-            proxy.table = RouteTable(fresh.routes)
-            proxy.outliers.configs = outlier_configs(fresh)
-            listener.settings = fresh.proxy
+        proxy.table = table
+        proxy.outliers.configs = outlier_configs(fresh)
+        listener.settings = fresh.proxy
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    watcher = None
+    if config.path is not None:
+        watcher = FileWatcher(config.path, reload, poll=None)  # only on the primary's word
+        watcher.start()
+        loop.add_signal_handler(signal.SIGHUP, watcher.ask)
     while not stopping.is_set():
         if not writer.is_closing():
             writer.write(stats_line(metrics.snapshot()))
@@ -138,3 +143,5 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
             await writer.drain()
     writer.close()
     following.cancel()
+    if watcher is not None:
+        await watcher.stop()

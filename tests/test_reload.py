@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import threading
 
 import aiohttp
 
+from gateway import reload
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.reload import FileWatcher
 from tests.conftest import start_gateway_process, stop_gateway_process
 
 FIRST = "routes:\n  - prefix: /old\n    service: web\n"
@@ -48,7 +51,7 @@ async def test_reload_swaps_routes_and_keeps_registrations(tmp_path, upstreams):
             await up.arrived.wait()
 
             config_file.write_text(SECOND)
-            assert gateway.reload() is True
+            assert await gateway.reload() is True
             async with session.get(f"{proxy}/old/x") as r:
                 assert r.status == 404
             async with session.get(f"{proxy}/new/x") as r:
@@ -59,7 +62,7 @@ async def test_reload_swaps_routes_and_keeps_registrations(tmp_path, upstreams):
             response.release()
 
             config_file.write_text("routes:\n  - prefix: nope\n    service: web\n")
-            assert gateway.reload() is False
+            assert await gateway.reload() is False
             async with session.get(f"{proxy}/new/x") as r:
                 assert r.status == 200  # the old table keeps serving
             assert await _reloads(session, admin) == {"success": 1.0, "failure": 1.0}
@@ -100,3 +103,64 @@ async def test_sighup_and_file_change_reload_a_running_gateway(tmp_path):
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
         await stop_gateway_process(gateway)
+
+
+async def test_the_file_is_parsed_off_the_event_loop(tmp_path, monkeypatch):
+    """A 10,000-route file takes ~1 s to parse: in a thread, so requests keep flowing."""
+    config_file = tmp_path / "routes.yaml"
+    config_file.write_text(FIRST)
+    gateway = Gateway(
+        load_config(config_file), listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0)
+    )
+    parsed_in: list[threading.Thread] = []
+    real = reload.load_config
+
+    def load_config_recording(path):
+        parsed_in.append(threading.current_thread())
+        return real(path)
+
+    monkeypatch.setattr(reload, "load_config", load_config_recording)
+    await gateway.start()
+    try:
+        config_file.write_text(
+            "routes:\n" + "".join(f"  - {{prefix: /s{i}, service: web}}\n" for i in range(10_000))
+        )
+        assert await gateway.reload() is True
+        assert parsed_in and parsed_in[0] is not threading.main_thread()
+        assert len(gateway.config.routes) == 10_000
+        assert gateway.proxy is not None and gateway.proxy.table.match(None, "/s9999/x")
+    finally:
+        await gateway.stop()
+
+
+async def test_reloads_asked_for_during_one_run_once_after_it(tmp_path):
+    """SIGHUPs while a reload runs are not lost and do not pile up: one more follows."""
+    config_file = tmp_path / "routes.yaml"
+    config_file.write_text(FIRST)
+    release = asyncio.Event()
+    runs: list[int] = []
+
+    async def on_change() -> None:
+        runs.append(len(runs))
+        await release.wait()
+
+    watcher = FileWatcher(config_file, on_change, poll=None)
+    watcher.start()
+    try:
+        watcher.ask()
+        while not runs:
+            await asyncio.sleep(0)
+        for _ in range(5):
+            watcher.ask()  # while the first one runs
+        release.set()
+        while len(runs) < 2:
+            await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert runs == [0, 1]
+        config_file.write_text(SECOND)  # poll=None: a change on disk alone reloads nothing
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert runs == [0, 1]
+    finally:
+        await watcher.stop()
