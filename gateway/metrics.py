@@ -9,17 +9,16 @@ Registry events are rare and use prometheus_client's counters directly.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
 
 from registry.models import Instance
 from registry.store import Registry
@@ -109,81 +108,82 @@ class RouteStats:
         self.count += 1
 
 
-class _RequestCollector(Collector):
-    """The request families, summed over this process and the workers' latest reports."""
-
-    def __init__(self, metrics: GatewayMetrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        routes: dict[tuple[str, str], list[Any]] = {}  # -> [counts, buckets, sum, count]
-        services: dict[str, list[Any]] = {}  # -> [in_flight, retries, errors]
-        for snapshot in [self._metrics.request_numbers(), *self._metrics.remote.values()]:
-            for route, service, counts, buckets, total, count in snapshot["routes"]:
-                merged = routes.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0])
-                for method, code, n in counts:
-                    merged[0][(method, code)] = merged[0].get((method, code), 0) + n
-                merged[1] = [a + b for a, b in zip(merged[1], buckets, strict=True)]
-                merged[2] += total
-                merged[3] += count
-            for name, in_flight, retries, errors in snapshot["services"]:
-                merged = services.setdefault(name, [0, 0, dict.fromkeys(errors, 0)])
-                merged[0] += in_flight
-                merged[1] += retries
-                for reason, n in errors.items():
-                    merged[2][reason] += n
-        requests = CounterMetricFamily(
-            "gateway_requests",
-            "Proxied requests by route, service, method and status code",
-            labels=["route", "service", "method", "code"],
-        )
-        duration = HistogramMetricFamily(
-            "gateway_request_duration_seconds",
-            "Time from request head received to response complete",
-            labels=["route", "service"],
-        )
-        for (route, service), (counts, buckets, total, count) in routes.items():
-            for (method, code), n in sorted(counts.items()):
-                requests.add_metric([route, service, method, str(code)], n)
-            if count:
-                cumulative, running = [], 0
-                for label, n in zip(_BUCKET_LABELS, buckets, strict=True):
-                    running += n
-                    cumulative.append((label, running))
-                duration.add_metric([route, service], cumulative, total)
-        in_flight = GaugeMetricFamily(
-            "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
-        )
-        errors = CounterMetricFamily(
-            "gateway_upstream_errors",
-            "Failed upstream attempts by reason",
-            labels=["service", "reason"],
-        )
-        retries = CounterMetricFamily(
-            "gateway_retries", "Retried upstream attempts", labels=["service"]
-        )
-        for name, (flying, retried, failed) in services.items():
-            in_flight.add_metric([name], flying)
-            retries.add_metric([name], retried)
-            for reason, n in failed.items():
-                errors.add_metric([name, reason], n)
-        yield from (requests, duration, in_flight, errors, retries)
+def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The request families, summed over this process's and the workers' numbers."""
+    routes: dict[tuple[str, str], list[Any]] = {}  # -> [counts, buckets, sum, count]
+    services: dict[str, list[Any]] = {}  # -> [in_flight, retries, errors]
+    for snapshot in numbers:
+        for route, service, counts, buckets, total, count in snapshot["routes"]:
+            merged = routes.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0])
+            for method, code, n in counts:
+                merged[0][(method, code)] = merged[0].get((method, code), 0) + n
+            merged[1] = [a + b for a, b in zip(merged[1], buckets, strict=True)]
+            merged[2] += total
+            merged[3] += count
+        for name, in_flight, retries, errors in snapshot["services"]:
+            merged = services.setdefault(name, [0, 0, dict.fromkeys(errors, 0)])
+            merged[0] += in_flight
+            merged[1] += retries
+            for reason, n in errors.items():
+                merged[2][reason] += n
+    requests = CounterMetricFamily(
+        "gateway_requests",
+        "Proxied requests by route, service, method and status code",
+        labels=["route", "service", "method", "code"],
+    )
+    duration = HistogramMetricFamily(
+        "gateway_request_duration_seconds",
+        "Time from request head received to response complete",
+        labels=["route", "service"],
+    )
+    for (route, service), (counts, buckets, total, count) in routes.items():
+        for (method, code), n in sorted(counts.items()):
+            requests.add_metric([route, service, method, str(code)], n)
+        if count:
+            cumulative, running = [], 0
+            for label, n in zip(_BUCKET_LABELS, buckets, strict=True):
+                running += n
+                cumulative.append((label, running))
+            duration.add_metric([route, service], cumulative, total)
+    in_flight = GaugeMetricFamily(
+        "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
+    )
+    errors = CounterMetricFamily(
+        "gateway_upstream_errors",
+        "Failed upstream attempts by reason",
+        labels=["service", "reason"],
+    )
+    retries = CounterMetricFamily(
+        "gateway_retries", "Retried upstream attempts", labels=["service"]
+    )
+    for name, (flying, retried, failed) in services.items():
+        in_flight.add_metric([name], flying)
+        retries.add_metric([name], retried)
+        for reason, n in failed.items():
+            errors.add_metric([name, reason], n)
+    yield from (requests, duration, in_flight, errors, retries)
 
 
-class _RegistryCollector(Collector):
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+def _registry_families(states: list[tuple[str, dict[str, int]]]) -> Iterator[Metric]:
+    family = GaugeMetricFamily(
+        "gateway_registry_instances",
+        "Registered instances by service and state",
+        labels=["service", "state"],
+    )
+    for name, counts in states:
+        for state, count in counts.items():
+            family.add_metric([name, state], count)
+    yield family
 
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "gateway_registry_instances",
-            "Registered instances by service and state",
-            labels=["service", "state"],
-        )
-        for name in self._registry.service_names():
-            for state, count in self._registry.state_counts(name).items():
-                family.add_metric([name, state], count)
-        yield family
+
+class _Families:
+    """Metric families already built, in the shape generate_latest reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 class GatewayMetrics:
@@ -211,8 +211,6 @@ class GatewayMetrics:
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
-        r.register(_RequestCollector(self))
-        r.register(_RegistryCollector(registry))
         registry.subscribe(self._on_registry_event)
 
     def service(self, name: str) -> ServiceStats:
@@ -246,22 +244,41 @@ class GatewayMetrics:
             ],
         }
 
+    def exposition(self) -> Callable[[], bytes]:
+        """What /metrics answers, in two steps. Here, on the loop: a copy of the numbers
+        that change under it, O(routes + services). The function returned builds the
+        families and writes the text (~90% of a scrape's time: 80 ms at 1,000 services
+        x 10,000 instances), and may run in a thread; the counters lock themselves."""
+        numbers = [self.request_numbers(), *self.remote.values()]
+        registry = self.registry
+        states = [(name, registry.state_counts(name)) for name in registry.service_names()]
+
+        def write() -> bytes:
+            families = [
+                *self.collector_registry.collect(),
+                *_request_families(numbers),
+                *_registry_families(states),
+            ]
+            return generate_latest(_Families(families))
+
+        return write
+
     def request_numbers(self) -> dict[str, Any]:
-        """This process's request numbers, as plain data (JSON-able)."""
+        """This process's request numbers, as plain data (JSON-able), copied."""
         return {
             "routes": [
                 [
                     r.route,
                     r.service.name,
                     [[m, c, n] for (m, c), n in r.counts.items()],
-                    r.buckets,
+                    list(r.buckets),
                     r.sum,
                     r.count,
                 ]
                 for r in self.all_routes()
             ],
             "services": [
-                [s.name, s.in_flight, s.retries, s.errors] for s in self.services.values()
+                [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
             ],
         }
 
