@@ -47,6 +47,8 @@ async def test_readyz(gateway_factory):
 
 async def test_routes_lists_the_table_with_counts(gateway_factory):
     gw = await gateway_factory(ROUTES)
+    _, before, _ = await _get(gw, "/routes")  # the table's routes are encoded once...
+    assert {r["prefix"]: r["instances"] for r in before["routes"]}["/api/users"] == 0
     for port in (9000, 9001):
         async with gw.session.post(
             gw.admin_url + "/registry/services/users/instances",
@@ -58,7 +60,7 @@ async def test_routes_lists_the_table_with_counts(gateway_factory):
         json={"state": "draining"},
     ) as response:
         assert response.status == 200
-    status, body, _ = await _get(gw, "/routes")
+    status, body, _ = await _get(gw, "/routes")  # ...and the counts read at each listing
     assert status == 200
     assert set(body) == {"routes"}
     listed = sorted(body["routes"], key=lambda r: (r["host"] or "", r["prefix"]))
