@@ -164,3 +164,28 @@ async def test_reloads_asked_for_during_one_run_once_after_it(tmp_path):
         assert runs == [0, 1]
     finally:
         await watcher.stop()
+
+
+async def test_a_reload_that_fails_does_not_stop_the_watcher(tmp_path, caplog):
+    config_file = tmp_path / "routes.yaml"
+    config_file.write_text(FIRST)
+    runs: list[int] = []
+
+    async def on_change() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise RuntimeError("a bug")
+
+    watcher = FileWatcher(config_file, on_change, poll=None)
+    watcher.start()
+    try:
+        watcher.ask()
+        while not runs:
+            await asyncio.sleep(0)
+        watcher.ask()
+        while len(runs) < 2:
+            await asyncio.sleep(0)
+        assert runs == [0, 1]
+        assert f"reload of {config_file} failed" in caplog.text
+    finally:
+        await watcher.stop()
