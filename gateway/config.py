@@ -176,6 +176,7 @@ def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None
         routes=_routes(reader, top.node("routes"), proxy),
         services=_services(reader, top.node("services")),
     )
+    yamltree.dismantle(root)
     if reader.errors:
         raise ConfigError([message for _, message in sorted(reader.errors, key=lambda e: e[0])])
     return config

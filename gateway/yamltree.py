@@ -105,3 +105,20 @@ def _compose_events(events: Iterable[Any]) -> Node | None:
             if documents > 1:
                 raise _Unsupported  # "expected a single document in the stream"
     return root
+
+
+def dismantle(root: Node | None) -> None:
+    """Free a tree node by node. Dropped at once, a 10,000-route tree goes in one cascade
+    of deallocations in C (15 ms holding the GIL: a reload thread would stall the event
+    loop that long); taken apart by a Python loop, the GIL can change hands meanwhile."""
+    stack: list[Any] = [] if root is None else [root]
+    while stack:
+        node = stack.pop()
+        children = node.value
+        if isinstance(children, list):
+            node.value = []  # an alias met again finds it empty
+            for child in children:
+                if isinstance(child, tuple):
+                    stack.extend(child)
+                else:
+                    stack.append(child)

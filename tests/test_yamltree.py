@@ -95,3 +95,21 @@ def test_deep_nesting_is_left_to_the_pure_composer() -> None:
     assert dump(yamltree.compose(text)) == dump(pure(text))
     with pytest.raises(RecursionError):
         yamltree.compose("[" * 100_000 + "]" * 100_000)
+
+
+def test_dismantle_empties_every_collection_once() -> None:
+    """The tree is taken apart node by node (so a reload thread never frees it in one
+    long cascade); shared (aliased) nodes are met twice and must not trip it."""
+    root = yamltree.compose("a: &x [1, {b: [2, 3]}]\nc: *x\nd: {e: f}\n")
+    assert root is not None
+    collections = []
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node.value, list):
+            collections.append(node)
+            for child in node.value:
+                stack.extend(child if isinstance(child, tuple) else (child,))
+    yamltree.dismantle(root)
+    assert collections and all(node.value == [] for node in collections)
+    yamltree.dismantle(None)
