@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import threading
+from collections.abc import Callable
 
 import aiohttp
 
@@ -133,6 +134,16 @@ async def test_the_file_is_parsed_off_the_event_loop(tmp_path, monkeypatch):
         await gateway.stop()
 
 
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0)
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 async def test_reloads_asked_for_during_one_run_once_after_it(tmp_path):
     """SIGHUPs while a reload runs are not lost and do not pile up: one more follows."""
     config_file = tmp_path / "routes.yaml"
@@ -148,19 +159,15 @@ async def test_reloads_asked_for_during_one_run_once_after_it(tmp_path):
     watcher.start()
     try:
         watcher.ask()
-        while not runs:
-            await asyncio.sleep(0)
+        await _until(lambda: len(runs) == 1)
         for _ in range(5):
             watcher.ask()  # while the first one runs
         release.set()
-        while len(runs) < 2:
-            await asyncio.sleep(0)
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await _until(lambda: len(runs) == 2)
+        await _settle()
         assert runs == [0, 1]
         config_file.write_text(SECOND)  # poll=None: a change on disk alone reloads nothing
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await _settle()
         assert runs == [0, 1]
     finally:
         await watcher.stop()
@@ -180,11 +187,9 @@ async def test_a_reload_that_fails_does_not_stop_the_watcher(tmp_path, caplog):
     watcher.start()
     try:
         watcher.ask()
-        while not runs:
-            await asyncio.sleep(0)
+        await _until(lambda: len(runs) == 1)
         watcher.ask()
-        while len(runs) < 2:
-            await asyncio.sleep(0)
+        await _until(lambda: len(runs) == 2)
         assert runs == [0, 1]
         assert f"reload of {config_file} failed" in caplog.text
     finally:
