@@ -6,6 +6,9 @@ The file is JSON::
      "services": {"<name>": [{<instance fields>}, ...]}}
 
 Only leased instances (``ttl`` not None) are saved; static ones come from routes.yaml.
+Upgrades keep it: a file written before a field existed loads with that field's default
+(FIELDS), and a field this version does not know is ignored; tests/data/snapshot-v1.json
+is a file of the first format, and must always load.
 Times are absolute wall-clock seconds, so a lease keeps its expiry across a restart:
 an instance whose lease ran out while the gateway was down is not restored.
 
@@ -31,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from registry.models import (
     REGISTRATION_FIELDS,
@@ -109,35 +112,47 @@ def _model(check: Callable[[object], Any]) -> Callable[[object, str], Any]:
     return checked
 
 
-FIELD_CHECKS: dict[str, Callable[[object, str], Any]] = {
-    "id": _model(validate_id),
-    "host": _model(validate_host),
-    "port": _model(validate_port),
-    "scheme": _model(validate_scheme),
-    "weight": _model(validate_weight),
-    "state": _model(validate_state),
-    "health": _health,
-    "metadata": _model(validate_metadata),
-    "registered_at": _time,
-    "last_heartbeat": _time,
-    "ttl": _ttl,
-    "expires_at": _time,
-    "deregister_when_idle": _bool,
+class Field(NamedTuple):
+    """How a saved Instance field is read back: its check, and what stands for it in a
+    file written before the field existed (None: required, such a file is unreadable)."""
+
+    check: Callable[[object, str], Any]
+    default: Callable[[], Any] | None = None
+
+
+# One entry per saved Instance field (every field but service and the in-flight counts).
+# Schema evolution: a new field comes with a default here, and older files load with it;
+# a field this version does not know (written by a newer one) is ignored. VERSION moves
+# only for a change an older reader would misread; it then moves such a file aside.
+FIELDS: dict[str, Field] = {
+    "id": Field(_model(validate_id)),
+    "host": Field(_model(validate_host)),
+    "port": Field(_model(validate_port)),
+    "scheme": Field(_model(validate_scheme), lambda: "http"),
+    "weight": Field(_model(validate_weight), lambda: 1),
+    "state": Field(_model(validate_state), lambda: "up"),
+    "health": Field(_health, lambda: "healthy"),
+    "metadata": Field(_model(validate_metadata), dict),
+    "registered_at": Field(_time),
+    "last_heartbeat": Field(_time),
+    "ttl": Field(_ttl),
+    "expires_at": Field(_time),
+    "deregister_when_idle": Field(_bool, lambda: False),
 }
 
 
 def _instance_fields(raw: object, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Unreadable(f"{where} must be an object")
-    missing = [name for name in REGISTRATION_FIELDS if name not in raw]
+    missing = [name for name, f in FIELDS.items() if name not in raw and f.default is None]
     if missing:
         raise _Unreadable(f"{where} lacks {', '.join(missing)}")
-    unknown = sorted(str(key) for key in raw if key not in REGISTRATION_FIELDS)
-    if unknown:
-        raise _Unreadable(f"{where} has unknown field(s) {', '.join(unknown)}")
-    fields = {
-        name: FIELD_CHECKS[name](raw[name], f"{where}.{name}") for name in REGISTRATION_FIELDS
-    }
+    fields: dict[str, Any] = {}
+    for name, f in FIELDS.items():  # a key of a newer version's field is left unread
+        if name in raw:
+            fields[name] = f.check(raw[name], f"{where}.{name}")
+        elif f.default is not None:
+            fields[name] = f.default()
     if fields["registered_at"] > fields["last_heartbeat"]:
         raise _Unreadable(f"{where}: registered_at is after last_heartbeat")
     if fields["expires_at"] > fields["last_heartbeat"] + fields["ttl"] + 1e-3:
