@@ -1,10 +1,13 @@
 """``gateway services`` and ``gateway register``: the CLI on registry.client.
 
 ``Sidecar`` keeps one instance's lease alive; it is also usable from a service's own thread.
+As a library it logs (logger ``registry.sidecar``: what happens at info, trouble at
+warning); ``gateway register`` prints those lines (``console_output``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -31,6 +34,8 @@ from registry.models import (
     validate_service_name,
 )
 from registry.units import parse_duration
+
+log = logging.getLogger("registry.sidecar")
 
 # gateway services
 
@@ -186,7 +191,7 @@ class Sidecar:
             except AdminError as exc:
                 if first and 400 <= exc.status < 500:
                     message = describe_failure(exc, self.client.base_url)
-                    print(f"gateway: cannot register {self.label}: {message}", file=sys.stderr)
+                    log.warning("cannot register %s: %s", self.label, message)
                     return False
                 self._retry_later(exc)
             except AdminUnreachable as exc:
@@ -202,7 +207,9 @@ class Sidecar:
                 answer = self.client.heartbeat(self.service, self.instance_id or "")
             except AdminError as exc:
                 if exc.status == 404:
-                    print(f"lease of {self.label} is gone (admin answered 404); registering again")
+                    log.info(
+                        "lease of %s is gone (admin answered 404); registering again", self.label
+                    )
                     self._register(first=False)
                     return
                 self._retry_later(exc)
@@ -210,7 +217,7 @@ class Sidecar:
                 self._retry_later(exc)
             else:
                 if failing:
-                    print(f"admin reachable again; lease of {self.label} renewed", flush=True)
+                    log.info("admin reachable again; lease of %s renewed", self.label)
                 self._adopt(answer)
                 return
             failing = True
@@ -218,19 +225,20 @@ class Sidecar:
     def _retry_later(self, error: AdminError | AdminUnreachable) -> None:
         delay = self.backoff.next()
         message = describe_failure(error, self.client.base_url)
-        print(f"gateway: {message}; retrying in {_seconds(delay)}", file=sys.stderr, flush=True)
+        log.warning("%s; retrying in %s", message, _seconds(delay))
         self._wait(delay)
 
     def _registered(self, answer: Mapping[str, Any], *, again: bool) -> None:
         self.instance_id = str(answer.get("id") or self._default_id())
         self._adopt(answer)
         if again:
-            print(f"registered {self.label} again", flush=True)
+            log.info("registered %s again", self.label)
         else:
-            print(
-                f"registered {self.label} (ttl {_seconds(self.ttl)}, "
-                f"heartbeat every {_seconds(self.interval)}); Ctrl-C to deregister",
-                flush=True,
+            log.info(
+                "registered %s (ttl %s, heartbeat every %s); Ctrl-C to deregister",
+                self.label,
+                _seconds(self.ttl),
+                _seconds(self.interval),
             )
 
     def _adopt(self, answer: Mapping[str, Any]) -> None:
@@ -246,28 +254,28 @@ class Sidecar:
 
     def _deregister(self) -> int:
         if self.instance_id is None:
-            print(f"stopped before {self.label} was registered", flush=True)
+            log.info("stopped before %s was registered", self.label)
             return 0
         try:
             self.client.deregister(self.service, self.instance_id)
         except AdminError as exc:
             if exc.status != 404:
                 return self._not_deregistered(describe_failure(exc, self.client.base_url))
-            print(f"deregistered {self.label} (its lease had already ended)", flush=True)
+            log.info("deregistered %s (its lease had already ended)", self.label)
             return 0
         except AdminUnreachable as exc:
             return self._not_deregistered(describe_failure(exc, self.client.base_url))
         except KeyboardInterrupt:
             return self._not_deregistered("interrupted")
-        print(f"deregistered {self.label}", flush=True)
+        log.info("deregistered %s", self.label)
         return 0
 
     def _not_deregistered(self, why: str) -> int:
-        print(
-            f"gateway: could not deregister {self.label}: {why}; "
-            f"its lease ends within {_seconds(self.ttl)}",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            "could not deregister %s: %s; its lease ends within %s",
+            self.label,
+            why,
+            _seconds(self.ttl),
         )
         return 1
 
@@ -313,6 +321,32 @@ def parse_instance_address(address: str) -> tuple[str, int]:
         ) from None
 
 
+class _Console(logging.Handler):
+    """The sidecar's log as the CLI shows it: info lines on stdout, trouble on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            print(f"gateway: {record.getMessage()}", file=sys.stderr, flush=True)
+        else:
+            print(record.getMessage(), flush=True)
+
+
+@contextmanager
+def console_output() -> Iterator[None]:
+    """While it lasts, the sidecar's log lines are printed (and only printed)."""
+    handler = _Console()
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 @contextmanager
 def signals_as_keyboard_interrupt() -> Iterator[None]:
     """SIGTERM and SIGINT end the sidecar like Ctrl-C does, so it deregisters first.
@@ -349,5 +383,5 @@ def run_sidecar(
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    with signals_as_keyboard_interrupt():
+    with signals_as_keyboard_interrupt(), console_output():
         return Sidecar(client, service, body, sleep=sleep).run()

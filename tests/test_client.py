@@ -7,6 +7,7 @@ loop; time passes only through a fake ``sleep``.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import threading
@@ -21,6 +22,7 @@ from registry.client import AdminClient, AdminError, AdminUnreachable
 from registry.models import format_address
 from registry.sidecar import (
     Sidecar,
+    console_output,
     format_services,
     print_services,
     run_sidecar,
@@ -261,8 +263,34 @@ def test_invalid_admin_url_is_refused(url: str) -> None:
 # Sidecar
 
 
+@pytest.fixture
+def printed() -> Iterator[None]:
+    """The sidecar's log printed as `gateway register` prints it."""
+    with console_output():
+        yield
+
+
+def test_as_a_library_the_sidecar_logs_and_prints_nothing(
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry.sidecar")
+    admin.queue((201, {"id": "127.0.0.1:9001", "ttl": 30}), (503, None))
+    sleep = FakeSleep(interrupt_on(2))
+
+    assert Sidecar(AdminClient(admin.url), "users", BODY, sleep=sleep).run() == 0
+
+    assert capsys.readouterr() == ("", "")
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "registry.sidecar"]
+    assert logged[0] == (
+        "INFO",
+        "registered users/127.0.0.1:9001 (ttl 30s, heartbeat every 10s); Ctrl-C to deregister",
+    )
+    assert logged[1][0] == "WARNING" and logged[1][1].startswith("admin answered 503")
+    assert logged[-1][0] == "INFO" and logged[-1][1].startswith("deregistered users/127.0.0.1:9001")
+
+
 def test_sidecar_heartbeats_then_deregisters_on_ctrl_c(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     sleep = FakeSleep(interrupt_on(4))
 
@@ -299,7 +327,7 @@ def test_stop_check_ends_the_loop_like_ctrl_c(admin: FakeAdmin) -> None:
 
 
 def test_heartbeat_404_registers_again(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     def forget(n: int, seconds: float) -> None:
         if n == 2:
@@ -318,7 +346,7 @@ def test_heartbeat_404_registers_again(
 
 
 def test_unreachable_admin_backs_off_then_recovers(
-    admin: FakeAdmin, closed_url: str, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, closed_url: str, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     client = AdminClient(closed_url)
 
@@ -344,7 +372,7 @@ def test_unreachable_admin_backs_off_then_recovers(
 
 
 def test_heartbeat_5xx_is_retried_and_backoff_stays_within_a_third_of_the_ttl(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     overloaded = (503, {"error": {"code": "overloaded", "message": "too busy"}})
     admin.queue(
@@ -369,7 +397,7 @@ def test_heartbeat_5xx_is_retried_and_backoff_stays_within_a_third_of_the_ttl(
 
 
 def test_first_registration_401_ends_with_the_error(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     admin.queue(unauthorized())
     sleep = FakeSleep()
@@ -387,7 +415,7 @@ def test_first_registration_401_ends_with_the_error(
 
 
 def test_deregister_404_counts_as_done(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     def expire_then_interrupt(n: int, seconds: float) -> None:
         admin.instances.clear()
@@ -402,7 +430,7 @@ def test_deregister_404_counts_as_done(
 
 
 def test_failed_deregistration_says_the_lease_will_end(
-    admin: FakeAdmin, closed_url: str, capsys: pytest.CaptureFixture[str]
+    admin: FakeAdmin, closed_url: str, capsys: pytest.CaptureFixture[str], printed: None
 ) -> None:
     client = AdminClient(admin.url)
 
