@@ -29,17 +29,18 @@ class BuildExt(build_ext):
 
 
 COMPILED = [
-    "gateway/exchange.py",
-    "gateway/headers.py",
-    "gateway/listener.py",
-    "gateway/metrics.py",
-    "gateway/outliers.py",
-    "gateway/pool.py",
-    "gateway/proxy.py",
-    "gateway/routing.py",
-    "registry/balancer.py",
-    "registry/models.py",
-    "registry/store.py",
+    "gateway/dataplane/context.py",
+    "gateway/dataplane/exchange.py",
+    "gateway/dataplane/listener.py",
+    "gateway/dataplane/outliers.py",
+    "gateway/dataplane/pool.py",
+    "gateway/dataplane/routing.py",
+    "gateway/dataplane/stats.py",
+    "gateway/dataplane/wire.py",
+    "registry/core/balancer.py",
+    "registry/core/errors.py",
+    "registry/core/models.py",
+    "registry/core/store.py",
 ]
 
 

@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 import aiohttp  # noqa: E402
 
 from gateway.app import Gateway, run_loop  # noqa: E402
-from gateway.config import parse_config  # noqa: E402
+from gateway.config.loader import parse_config  # noqa: E402
 from tests.churn import run_churn  # noqa: E402
 
 CONFIG = """

@@ -51,7 +51,7 @@ class Route:
 
 def bench_route_match() -> tuple[Callable[[], object], int]:
     """RouteTable.match over 1,000 routes (/svc123/v1, a few host routes), varied paths."""
-    from gateway.routing import RouteTable
+    from gateway.dataplane.routing import RouteTable
 
     routes = [Route(f"/svc{i}/v1", f"svc{i}", strip_prefix=i % 2 == 0) for i in range(990)]
     routes += [Route(f"/svc{i}/v1", f"host{i}", host=f"api{i % 5}.example.com") for i in range(10)]
@@ -74,7 +74,7 @@ def bench_route_match() -> tuple[Callable[[], object], int]:
 
 def bench_registry_pick() -> tuple[Callable[[], object], int]:
     """Registry.pick for a service of 1,000 live instances of equal weight (a rotation)."""
-    from registry.store import Registry
+    from registry.core.store import Registry
 
     registry = Registry(clock=time.time)
     for i in range(1000):
@@ -90,7 +90,7 @@ def bench_registry_pick() -> tuple[Callable[[], object], int]:
 
 def bench_weighted_pick() -> tuple[Callable[[], object], int]:
     """Registry.pick for a service of 1,000 live instances of weights 1..3 (a heap)."""
-    from registry.store import Registry
+    from registry.core.store import Registry
 
     registry = Registry(clock=time.time)
     for i in range(1000):
@@ -121,7 +121,7 @@ REQUEST_HEADERS = [
 
 def bench_request_head() -> tuple[Callable[[], object], int]:
     """gateway.headers.RequestHead: 10 headers in, the upstream request head out."""
-    from gateway.headers import RequestHead
+    from gateway.dataplane.wire import RequestHead
 
     headers = [(k.encode(), v.encode()) for k, v in REQUEST_HEADERS]
 
@@ -146,7 +146,7 @@ RESPONSE_HEAD = (
 
 def bench_response_head() -> tuple[Callable[[], object], int]:
     """gateway.headers.ResponseHead on a typical 7-header response, not cached."""
-    from gateway.headers import ResponseHead
+    from gateway.dataplane.wire import ResponseHead
 
     def run() -> None:
         ResponseHead(RESPONSE_HEAD).client_head(b"0123456789abcdef", b"")
@@ -157,7 +157,7 @@ def bench_response_head() -> tuple[Callable[[], object], int]:
 
 def bench_response_head_cached() -> tuple[Callable[[], object], int]:
     """ResponseHead.of: the same head again (what most responses cost)."""
-    from gateway.headers import ResponseHead
+    from gateway.dataplane.wire import ResponseHead
 
     def run() -> None:
         ResponseHead.of(RESPONSE_HEAD).client_head(b"0123456789abcdef", b"")

@@ -27,13 +27,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from gateway.app import run_loop  # noqa: E402
-from gateway.config import parse_config  # noqa: E402
-from gateway.listener import ClientConnection, Listener  # noqa: E402
-from gateway.metrics import GatewayMetrics  # noqa: E402
-from gateway.pool import UpstreamConnection  # noqa: E402
-from gateway.proxy import Proxy  # noqa: E402
-from gateway.routing import RouteTable  # noqa: E402
-from registry.store import Registry  # noqa: E402
+from gateway.config.loader import parse_config  # noqa: E402
+from gateway.dataplane.context import ProxyContext  # noqa: E402
+from gateway.dataplane.listener import ClientConnection, Listener  # noqa: E402
+from gateway.dataplane.pool import UpstreamConnection  # noqa: E402
+from gateway.dataplane.routing import RouteTable  # noqa: E402
+from gateway.dataplane.stats import RequestStats  # noqa: E402
+from registry.core.store import Registry  # noqa: E402
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
@@ -73,7 +73,7 @@ async def main(count: int, profile: bool) -> None:
     config = parse_config(CONFIG)
     registry = Registry(time.time)
     registry.set_static("bench", config.services["bench"].instances)
-    proxy = Proxy(RouteTable(config.routes), registry, GatewayMetrics(registry))
+    proxy = ProxyContext(RouteTable(config.routes), registry, RequestStats(registry))
     listener = Listener(proxy, config.proxy)
     upstreams = []
     for instance in registry.instances("bench"):

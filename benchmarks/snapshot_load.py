@@ -75,7 +75,7 @@ class Ticker:
 
 def count_writes() -> list[dict[str, Any]]:
     """Wrap the snapshot's file writer; returns the list it appends each write to."""
-    import registry.snapshot as snapshot
+    import registry.backends.snapshot as snapshot
 
     writes: list[dict[str, Any]] = []
     original = snapshot._write_atomically
@@ -110,7 +110,7 @@ def count_writes() -> list[dict[str, Any]]:
 
 async def serve(config_file: Path, admin_port: int) -> None:
     from gateway.app import Gateway
-    from gateway.config import load_config
+    from gateway.config.loader import load_config
 
     writes = count_writes()
     ticker = Ticker()
@@ -281,8 +281,8 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def stall(args: argparse.Namespace) -> dict[str, Any]:
-    from registry.snapshot import SnapshotWriter
-    from registry.store import Registry
+    from registry.backends.snapshot import SnapshotWriter
+    from registry.core.store import Registry
 
     writes = count_writes()
     folder = Path(tempfile.mkdtemp(prefix="snapshot-stall-"))

@@ -8,7 +8,7 @@ from pathlib import Path
 def data_plane_build() -> str:
     """Which build of the hot path got imported: "compiled" (setup.py's mypyc build) or
     "pure Python" (no C compiler at install time, or GATEWAY_PURE_PYTHON=1)."""
-    from gateway import exchange
+    from gateway.dataplane import exchange
 
     return "pure Python" if exchange.__file__.endswith(".py") else "compiled"
 
@@ -18,7 +18,7 @@ def stale_extensions() -> list[str]:
     Python imports the old compiled code, not the edit. Rebuild: pip install -e ."""
     root = Path(__file__).resolve().parent.parent
     stale = []
-    for built in [*root.glob("gateway/*.so"), *root.glob("registry/*.so")]:
+    for built in [*root.glob("gateway/**/*.so"), *root.glob("registry/**/*.so")]:
         source = built.with_name(built.name.split(".")[0] + ".py")
         if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
             stale.append(str(source.relative_to(root)))

@@ -17,20 +17,19 @@ from typing import Any
 from aiohttp import web
 
 from gateway import data_plane_build
-from gateway.admin import build_admin_app
-from gateway.config import Config, ConfigError, HealthCheckConfig
-from gateway.health import HealthChecker
-from gateway.listener import Listener
-from gateway.metrics import GatewayMetrics
-from gateway.outliers import Outliers, outlier_configs
-from gateway.proxy import Proxy
-from gateway.reload import FileWatcher, load_off_loop
-from gateway.routing import RouteTable
-from gateway.workers import Workers
-from registry.feed import RegistryFeed
-from registry.runtime import RegistryRuntime
-from registry.snapshot import SnapshotWriter, load_snapshot
-from registry.store import Registry
+from gateway.config.model import Config, ConfigError, HealthCheckConfig
+from gateway.control.admin import build_admin_app
+from gateway.control.health import HealthChecker
+from gateway.control.metrics import GatewayMetrics
+from gateway.control.reload import FileWatcher, load_off_loop
+from gateway.control.workers import Workers
+from gateway.dataplane.context import ProxyContext
+from gateway.dataplane.listener import Listener
+from gateway.dataplane.outliers import Outliers, outlier_configs
+from gateway.dataplane.routing import RouteTable
+from registry.backends.feed import RegistryFeed
+from registry.backends.memory import MemoryBackend
+from registry.core.store import Registry
 
 log = logging.getLogger("gateway")
 
@@ -93,11 +92,8 @@ class Gateway:
             clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
         )
         self._apply_services(config, previous=None)
-        snapshot = config.registry.snapshot
-        if snapshot is not None:
-            load_snapshot(self.registry, snapshot)  # before anyone listens to the registry
-        self._snapshot = SnapshotWriter(self.registry, snapshot) if snapshot else None
-        self.runtime = RegistryRuntime(self.registry)
+        # Before anything subscribes to the registry: it loads the snapshot.
+        self.backend = MemoryBackend(self.registry, config.registry.snapshot)
         self.health = HealthChecker(self.registry, _checks(config))
         self.metrics = GatewayMetrics(self.registry)
         self.readiness: dict[str, str] = {}
@@ -105,19 +101,19 @@ class Gateway:
         self._listener: Listener | None = None
         self._reloading = asyncio.Lock()
         self._workers: Workers | None = None
-        self.proxy: Proxy | None = None
+        self.proxy: ProxyContext | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
     async def start(self) -> None:
-        self.proxy = Proxy(
+        self.proxy = ProxyContext(
             RouteTable(self.config.routes),
             self.registry,
-            self.metrics,
+            self.metrics.stats,
             Outliers(self.registry, outlier_configs(self.config)),
         )
         admin_app = build_admin_app(
-            self.proxy, self.registry, self.runtime, self.metrics, self.token, self.readiness
+            self.proxy, self.backend, self.metrics, self.token, self.readiness
         )
         try:
             self._listener = Listener(self.proxy, self.config.proxy)
@@ -143,10 +139,8 @@ class Gateway:
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}"
                 ) from None
             self.admin_port = int(self._admin.addresses[0][1])
-            self.runtime.start()
+            await self.backend.start()
             self.health.start()
-            if self._snapshot is not None:
-                self._snapshot.start()
             if self.workers > 1:
                 self._workers = Workers(RegistryFeed(self.registry, self.metrics.set_remote))
                 await self._workers.start(
@@ -211,7 +205,6 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace), close."""
-        self.runtime.stop()
         listener, self._listener = self._listener, None
         workers, self._workers = self._workers, None
         if workers is not None:
@@ -219,8 +212,7 @@ class Gateway:
         else:
             await self._shutdown(listener)  # in this task: nothing may slip in between
         await self.health.stop()
-        if self._snapshot is not None:
-            await self._snapshot.stop()  # the last changes reach the file
+        await self.backend.stop()  # the last changes reach the snapshot
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.cleanup()

@@ -1,0 +1,1 @@
+"""The service registry: pure core, backends, HTTP API, client. Never imports gateway."""

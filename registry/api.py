@@ -1,4 +1,8 @@
-"""The registry HTTP API (SPEC section 4): translates between HTTP and registry.store."""
+"""The registry HTTP API (SPEC section 4): HTTP to a RegistryBackend and back.
+
+Writes go through the backend; reads come from its local copy (``backend.store``).
+Refusals are ApiErrors (InvalidField, UnknownService, ...), raised where the rule
+lives; the admin listener's middleware answers them as JSON."""
 
 from __future__ import annotations
 
@@ -8,14 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import GatewayError
-from registry.models import Instance, InvalidField, validate_service_name
-from registry.runtime import RegistryRuntime
-from registry.store import Registry, UnknownInstance, UnknownService
-from registry.units import parse_duration
+from registry.backends.base import RegistryBackend
+from registry.core.errors import ApiError, UnknownService
+from registry.core.models import Instance, validate_service_name
+from registry.core.units import parse_duration
 
-REGISTRY = web.AppKey("registry", Registry)
-RUNTIME = web.AppKey("registry_runtime", RegistryRuntime)
+BACKEND = web.AppKey("registry_backend", RegistryBackend)
 
 MAX_BODY = 64 * 1024
 MAX_WAIT = 300.0
@@ -29,25 +31,25 @@ def _json(data: Any, status: int = 200, index: int | None = None) -> web.Respons
 
 async def _read_body(request: web.Request) -> Mapping[str, Any]:
     if request.content_type != "application/json":
-        raise GatewayError(415, "unsupported_media_type", "body must be application/json")
+        raise ApiError(415, "unsupported_media_type", "body must be application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+        raise ApiError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.readany():
         size += len(chunk)
         if size > MAX_BODY:
-            raise GatewayError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
+            raise ApiError(413, "payload_too_large", f"body over {MAX_BODY} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "invalid_json", "body is not valid JSON") from None
+        raise ApiError(400, "invalid_json", "body is not valid JSON") from None
     except RecursionError:  # the decoder recurses once per level of [ or {
-        raise GatewayError(400, "invalid_json", "body is nested too deeply") from None
+        raise ApiError(400, "invalid_json", "body is nested too deeply") from None
     if not isinstance(body, dict):
-        raise GatewayError(400, "invalid_json", "body must be a JSON object")
+        raise ApiError(400, "invalid_json", "body must be a JSON object")
     return body
 
 
@@ -65,35 +67,33 @@ def _registration(instance: Instance, default_ttl: float) -> dict[str, Any]:
 
 
 async def register(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
+    backend = request.app[BACKEND]
     name = _service_name(request)
     body = await _read_body(request)
-    instance, created = registry.register(name, body)
-    return _json(_registration(instance, registry.default_ttl), status=201 if created else 200)
+    instance, created = await backend.register(name, body)
+    return _json(_registration(instance, backend.store.default_ttl), status=201 if created else 200)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
-    instance = registry.renew(_service_name(request), request.match_info["id"])
-    return _json(_registration(instance, registry.default_ttl))
+    backend = request.app[BACKEND]
+    instance = await backend.renew(_service_name(request), request.match_info["id"])
+    return _json(_registration(instance, backend.store.default_ttl))
 
 
 async def update(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
     name = _service_name(request)
     body = await _read_body(request)
-    instance = registry.update(name, request.match_info["id"], body)
+    instance = await request.app[BACKEND].update(name, request.match_info["id"], body)
     return _json(instance.to_dict())
 
 
 async def deregister(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
-    registry.deregister(_service_name(request), request.match_info["id"])
+    await request.app[BACKEND].deregister(_service_name(request), request.match_info["id"])
     return web.Response(status=204)
 
 
 async def list_services(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
+    registry = request.app[BACKEND].store
     services = []
     for name in registry.service_names():
         instances, healthy = registry.counts(name)
@@ -102,22 +102,20 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 async def get_service(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
+    backend = request.app[BACKEND]
+    registry = backend.store
     name = request.match_info["service"]
     try:
         registry.service_index(name)  # raises for a service never seen
     except UnknownService:
-        raise GatewayError(
-            404,
-            "unknown_service",
-            f"no service {name!r}",
-            {"X-Registry-Index": str(registry.index)},
+        raise UnknownService(
+            f"no service {name!r}", {"X-Registry-Index": str(registry.index)}
         ) from None
     if "index" in request.query:
         index = _query_index(request.query["index"])
         wait = _query_wait(request.query.get("wait", "5m"))
         if registry.poll_waits(name, index):
-            await request.app[RUNTIME].wait_for_change(name, index, wait)
+            await backend.wait_for_change(name, index, wait)
     instances = registry.instances(name)
     return _json(
         {"name": name, "instances": [i.to_dict() for i in instances]},
@@ -129,25 +127,14 @@ def _query_index(value: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise GatewayError(400, "invalid_index", "index must be an integer") from None
+        raise ApiError(400, "invalid_index", "index must be an integer") from None
 
 
 def _query_wait(value: str) -> float:
     try:
         return min(parse_duration(value), MAX_WAIT)
     except ValueError as exc:
-        raise GatewayError(400, "invalid_wait", str(exc)) from None
-
-
-@web.middleware
-async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Store exceptions become GatewayErrors; the admin app renders those as JSON."""
-    try:
-        return await handler(request)
-    except InvalidField as exc:
-        raise GatewayError(400, exc.code, exc.message) from None
-    except (UnknownInstance, UnknownService) as exc:
-        raise GatewayError(404, exc.code, str(exc.args[0])) from None
+        raise ApiError(400, "invalid_wait", str(exc)) from None
 
 
 def add_routes(app: web.Application) -> None:

@@ -18,8 +18,8 @@ from aiohttp import web
 
 from gateway import stale_extensions
 from gateway.app import Gateway
-from gateway.config import parse_config
-from registry.store import Registry
+from gateway.config.loader import parse_config
+from registry.core.store import Registry
 from tests.fakes import FakeClock
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from registry.balancer import WeightedRoundRobin
+from registry.core.balancer import WeightedRoundRobin
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from registry.client import AdminClient, AdminError, AdminUnreachable
-from registry.models import format_address
-from registry.sidecar import (
-    Sidecar,
+from gateway.cli.registry import (
     console_output,
     format_services,
     print_services,
     run_sidecar,
     signals_as_keyboard_interrupt,
 )
+from registry.client.http import AdminClient, AdminError, AdminUnreachable
+from registry.client.sidecar import Sidecar
+from registry.core.models import format_address
 
 Answer = tuple[int, Any]  # (status, JSON value | raw bytes | None for no body)
 

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import (
+from gateway.config.describe import describe_routes, shadow_warnings
+from gateway.config.loader import load_config, parse_config
+from gateway.config.model import (
     AdminConfig,
     Config,
     ConfigError,
@@ -21,11 +23,7 @@ from gateway.config import (
     RegistryConfig,
     RouteConfig,
     ServiceConfig,
-    describe_routes,
-    load_config,
-    parse_config,
     parse_listen,
-    shadow_warnings,
 )
 
 # The example of SPEC section 3, as written there.

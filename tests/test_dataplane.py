@@ -490,7 +490,7 @@ async def test_get_on_a_pooled_connection_the_upstream_closed_goes_again_unseen(
             await asyncio.sleep(0.001 * (i % 3))
         assert statuses == [200] * 60
         assert sorted(received, key=int) == [b"%d" % i for i in range(60)]  # once each
-        service = gw.gateway.metrics.services["web"]
+        service = gw.gateway.metrics.stats.services["web"]
         assert (service.retries, dict(service.errors)) == (0, dict.fromkeys(service.errors, 0))
     finally:
         await stop_raw_server(server)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.dataplane.pool import CLOSED
 from tests.conftest import RawServer
 
 ROUTES = """
@@ -99,7 +100,7 @@ async def _raw(gw, request: bytes) -> bytes:
 
 def _no_pooled(gw, key) -> bool:
     pool = gw.gateway.proxy.pool
-    return all(c.closed for c in pool._idle.get(key, []))
+    return all(c.state == CLOSED for c in pool._idle.get(key, []))
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import (
+from gateway.dataplane.wire import (
     HOP_BY_HOP,
     HeaderError,
     RequestHead,

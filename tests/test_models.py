@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from registry.models import (
+from registry.core.errors import ApiError, InvalidField
+from registry.core.models import (
     Instance,
-    InvalidField,
     validate_host,
     validate_id,
     validate_metadata,
@@ -28,7 +28,7 @@ def assert_invalid(validate: Callable[[object], object], value: object, code: st
         validate(value)
     assert info.value.code == code
     assert info.value.message  # says the rule
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ApiError) and info.value.status == 400
 
 
 # -- service names: [a-z0-9][a-z0-9._-]{0,62} -------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config.loader import parse_config
 
 BODY = b"hello"
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + BODY

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway, StartupError
-from gateway.config import parse_config
+from gateway.config.loader import parse_config
 from tests.fakes import FakeClock
 
 ROUTES = """

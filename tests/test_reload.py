@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import aiohttp
 
-from gateway import reload
 from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.reload import FileWatcher
+from gateway.config.loader import load_config
+from gateway.control import reload
+from gateway.control.reload import FileWatcher
 from tests.conftest import start_gateway_process, stop_gateway_process
 
 FIRST = "routes:\n  - prefix: /old\n    service: web\n"

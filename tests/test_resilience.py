@@ -9,8 +9,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.health import Verdicts
+from gateway.config.loader import load_config
+from gateway.control.health import Verdicts
 
 
 async def test_registrations_survive_a_restart_with_their_absolute_expiry(tmp_path: Path):
@@ -120,7 +120,7 @@ class Later:
 
 
 def _registry_with(count: int):
-    from registry.store import Registry
+    from registry.core.store import Registry
     from tests.fakes import FakeClock
 
     registry = Registry(FakeClock())
@@ -131,8 +131,8 @@ def _registry_with(count: int):
 
 
 def test_consecutive_failures_eject_with_doubling_back_off_and_a_cap():
-    from gateway.config import OutlierConfig
-    from gateway.outliers import Outliers
+    from gateway.config.model import OutlierConfig
+    from gateway.dataplane.outliers import Outliers
 
     registry, (a, b, c, d) = _registry_with(4)
     later = Later()
@@ -160,8 +160,8 @@ def test_consecutive_failures_eject_with_doubling_back_off_and_a_cap():
 
 
 def test_a_lone_instance_is_never_ejected_and_5xx_count_only_when_configured():
-    from gateway.config import OutlierConfig
-    from gateway.outliers import Outliers
+    from gateway.config.model import OutlierConfig
+    from gateway.dataplane.outliers import Outliers
 
     registry, (lone,) = _registry_with(1)
     outliers = Outliers(registry, {}, Later())
@@ -197,7 +197,7 @@ async def test_a_dead_instance_is_ejected_and_no_request_fails(gateway_factory, 
 
 
 def test_retry_budget_allows_20_percent_plus_10_a_second():
-    from gateway.metrics import ServiceStats
+    from gateway.dataplane.stats import ServiceStats
 
     stats = ServiceStats("web")
     for _ in range(10):  # a quiet second: the floor of 10 retries

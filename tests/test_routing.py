@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.routing import BadPath, RouteTable, host_name, normalize_path
+from gateway.dataplane.routing import BadPath, RouteTable, host_name, normalize_path
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from registry import snapshot
-from registry.models import REGISTRATION_FIELDS as _FIELDS
-from registry.snapshot import FIELDS, SnapshotWriter, load_snapshot
-from registry.store import Registry
+from registry.backends import snapshot
+from registry.backends.snapshot import FIELDS, SnapshotWriter, load_snapshot
+from registry.core.models import REGISTRATION_FIELDS as _FIELDS
+from registry.core.store import Registry
 from tests.fakes import FakeClock
 
 LOGGER = "registry.snapshot"

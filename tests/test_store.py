@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from registry.models import REGISTRATION_FIELDS, InvalidField
-from registry.store import Registry, UnknownInstance, UnknownService
+from registry.core.errors import InvalidField, UnknownInstance, UnknownService
+from registry.core.models import REGISTRATION_FIELDS
+from registry.core.store import Registry
 from tests.fakes import FakeClock
 
 Event = tuple[str, str, str]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registry.units import parse_duration, parse_size
+from registry.core.units import parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

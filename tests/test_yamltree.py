@@ -9,7 +9,7 @@ import pytest
 import yaml
 from yaml.nodes import Node
 
-from gateway import yamltree
+from gateway.config import yamltree
 
 ROOT = Path(__file__).resolve().parent.parent
 

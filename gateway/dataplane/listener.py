@@ -5,6 +5,31 @@ Exchange of that request; it owns the connection's life: deadlines for the
 request head and for idle keep-alive, pipelined requests answered in order,
 flow control, and closing. The Listener owns the socket, the set of
 connections, a ticker for deadlines, and graceful shutdown.
+
+What a connection is reading (``ClientConnection.phase``):
+
+=======  ===============================================  =============================
+phase    what is going on                                 goes to
+=======  ===============================================  =============================
+NEW      connected, or bytes after IDLE: no request has   HEAD (llhttp: a message
+         begun (header_timeout runs)                      begins); STOPPED
+HEAD     a request head has begun, not complete           BODY; STOPPED (malformed,
+                                                          too large, 408)
+BODY     head complete (an Exchange exists, ``parsing``)  READ; STOPPED (bad framing,
+         and its body is coming (body_timeout)            408); TUNNEL (a handshake)
+READ     the last request is complete; its answer, and    HEAD; IDLE (every answer
+         those before it, may still be going out          given, keep-alive)
+IDLE     keep-alive: waiting for a request                NEW (a byte comes in)
+         (idle_timeout)
+STOPPED  nothing more is read (malformed, stalled,        (closes after the answers
+         CONNECT); earlier requests are still answered    due, then the refusal)
+TUNNEL   WebSocket: the client's bytes go to the          (closes with the tunnel)
+         exchange as they come
+=======  ===============================================  =============================
+
+Answers go out in request order: ``active`` is the exchange being answered,
+``queue`` the pipelined ones after it. ``closing`` (shutdown) closes the connection
+after the answer in progress, whatever the phase.
 """
 
 from __future__ import annotations
@@ -17,11 +42,15 @@ from typing import Any, Final, cast
 
 import httptools
 
-from gateway.config import ProxySettings
-from gateway.errors import error_bytes
-from gateway.exchange import Exchange
-from gateway.headers import MAX_TOTAL, HeaderError, RequestHead, new_request_id
-from gateway.proxy import Proxy
+from gateway.config.model import ProxySettings
+from gateway.dataplane.context import ProxyContext
+from gateway.dataplane.exchange import (
+    DONE,
+    PAUSE_PIPELINE,
+    PAUSE_STOPPED,
+    Exchange,
+)
+from gateway.dataplane.wire import MAX_TOTAL, HeaderError, RequestHead, error_bytes, new_request_id
 
 # What a closed connection keeps instead of its own parser, whose callbacks are bound
 # methods of the connection (a cycle the collector would have to find): calls nothing.
@@ -34,6 +63,14 @@ MAX_URL: Final = 8 * 1024
 # trailer still coming): a whole head's worth. Counted per read, so at most one read more.
 MAX_HELD: Final = MAX_URL + MAX_TOTAL + 8 * 1024
 TICK: Final = 0.1  # seconds between deadline checks
+
+NEW: Final = 0
+HEAD: Final = 1
+BODY: Final = 2
+READ: Final = 3
+IDLE: Final = 4
+STOPPED: Final = 5
+TUNNEL: Final = 6
 
 
 class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native class)
@@ -50,19 +87,17 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.deadline: float | None = None  # for the request head, or the idle keep-alive
-        self.idle = False
-        self.head_open = False  # a request head has begun and is not complete
+        self.phase = NEW
         self.progress = False  # the parser reported a head, body bytes or an end in this read
         self.held = 0  # bytes read since llhttp last reported progress (see MAX_HELD)
         self.last_read = 0.0  # listener time of the last read, for the body timeout
         self.backlog = 0  # bytes waiting in the transport for the client at the last check
         self.send_progress = 0.0  # when the client last took some of them
         self.closing = False  # close after the current answer (shutdown)
-        self.stopped = False  # the client broke the framing: nothing more is read
         self.refusal: bytes | None = None  # the error answer due after the queued answers
         self.upgrading: Exchange | None = None  # a WebSocket handshake llhttp stops after
         self.tunnel: Exchange | None = None  # after the handshake: the client's bytes go there
-        self._paused: set[str] = set()
+        self._paused = 0  # why reading is paused: PAUSE_* bits
         self._error: HeaderError | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -92,16 +127,17 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.deadline = listener.now + listener.settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.client_tunnel_data(data)
+        phase = self.phase
+        if phase == TUNNEL:
+            if self.tunnel is not None:
+                self.tunnel.client_tunnel_data(data)
             return
-        if self.stopped:
+        if phase == STOPPED:
             return
         listener = self.listener
         self.last_read = listener.now
-        if self.idle:
-            self.idle = False
+        if phase == IDLE:
+            self.phase = NEW
             self.deadline = listener.now + listener.settings.header_timeout
         self._feed(data)
 
@@ -150,9 +186,10 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             self.parser = httptools.HttpRequestParser(self)
             if rest:
                 self._feed(rest)
-        elif not exchange.done:
+        elif exchange.phase != DONE:
             # A WebSocket handshake: what follows is the new protocol's, held by the
             # exchange until the upstream agrees with a 101.
+            self.phase = TUNNEL
             self.tunnel = exchange
             if rest:
                 exchange.client_tunnel_data(rest)
@@ -187,7 +224,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
     # -- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.head_open = True
+        self.phase = HEAD
 
     def on_url(self, url: bytes) -> None:
         if self.head is None:  # a new request begins
@@ -231,7 +268,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             keep_alive and not self.closing,
         )
         self.head = None
-        self.head_open = False
+        self.phase = BODY
         self.progress = True
         self.deadline = None
         self.parsing = exchange
@@ -242,7 +279,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             exchange.start(exchange.started)
         else:
             self.queue.append(exchange)
-            self.pause("pipeline")
+            self.pause(PAUSE_PIPELINE)
 
     def _upgrade_head(self, head: RequestHead, parser: httptools.HttpRequestParser) -> None:
         """llhttp will stop after this head and take what follows for another protocol.
@@ -264,6 +301,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
 
     def on_message_complete(self) -> None:
         self.progress = True
+        self.phase = READ
         exchange, self.parsing = self.parsing, None
         if exchange is not None:
             exchange.client_done()
@@ -279,14 +317,15 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         if self.transport is not None:
             self.transport.abort()
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: int) -> None:
+        """Stop reading for ``reason`` (a PAUSE_* bit) until resume(reason)."""
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
-        self._paused.add(reason)
+        self._paused |= reason
 
-    def resume(self, reason: str) -> None:
-        if reason in self._paused:
-            self._paused.discard(reason)
+    def resume(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
             if not self._paused and self.transport is not None and not self.transport.is_closing():
                 self.last_read = self.listener.now  # the body timeout starts again
                 self.transport.resume_reading()
@@ -296,21 +335,24 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         if exchange is not self.active:
             return
         self.active = None
+        phase = self.phase
         if not keep_alive or self.closing:
             self.queue.clear()
             self._close()
         elif self.queue:
             following = self.active = self.queue.popleft()
-            if not self.queue and not self.stopped:
-                self.resume("pipeline")
+            if not self.queue and phase != STOPPED:
+                self.resume(PAUSE_PIPELINE)
             following.start(self.proxy.loop.time())
         elif self.refusal is not None:  # every request before the malformed one is answered
             self.write(self.refusal)
             self._close()
-        elif self.head_open:  # the next request's head is on its way
+        elif phase == STOPPED:
+            self._close()  # nothing more will be read
+        elif phase == HEAD:  # the next request's head is on its way
             self.deadline = self.listener.now + self.listener.settings.header_timeout
-        elif self.parsing is None:
-            self.idle = True
+        elif phase in (READ, NEW):
+            self.phase = IDLE
             self.deadline = self.listener.now + self.listener.settings.idle_timeout
 
     # -- deadlines and shutdown ------------------------------------------------------------------
@@ -340,7 +382,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         if self.deadline is None or now < self.deadline:
             return
         self.deadline = None
-        if self.head_open and self.active is None:
+        if self.phase == HEAD and self.active is None:
             self._refuse(HeaderError(408, "request_timeout", "request head not received in time"))
         else:
             self._close()
@@ -356,8 +398,8 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
     def _refuse(self, error: HeaderError) -> None:
         """A malformed (or stalled) request: nothing more is read; the complete requests
         before it are answered in order, then it gets the error and the connection closes."""
-        self.stopped = True
-        self.pause("stopped")
+        self.phase = STOPPED
+        self.pause(PAUSE_STOPPED)
         broken, self.parsing = self.parsing, None
         if broken is not None and broken is self.active:
             # Its head went upstream already: the upstream gets a cut-off request,
@@ -382,9 +424,10 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
 
     def _stop_reading(self) -> None:
         self.closing = True
+        self.phase = STOPPED
         self.queue.clear()
         self.parsing = None
-        self.pause("stopped")
+        self.pause(PAUSE_STOPPED)
 
 
 def _reason(exc: Exception) -> str:
@@ -394,7 +437,7 @@ def _reason(exc: Exception) -> str:
 
 
 class Listener:
-    def __init__(self, proxy: Proxy, settings: ProxySettings) -> None:
+    def __init__(self, proxy: ProxyContext, settings: ProxySettings) -> None:
         self.proxy = proxy
         self.settings = settings
         self.connections: set[ClientConnection] = set()
@@ -428,7 +471,7 @@ class Listener:
     def _tick(self) -> None:
         self.now = now = self.proxy.loop.time()
         self.proxy.expire_waiting(now)
-        for service in self.proxy.metrics.services.values():
+        for service in self.proxy.stats.services.values():
             service.sample()
         self._ticks += 1
         if self._ticks % 10 == 0:  # once a second is precise enough for these

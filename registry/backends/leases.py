@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from registry.models import Instance
-from registry.store import Registry
+from registry.core.models import Instance
+from registry.core.store import Registry
 
 log = logging.getLogger("registry")
 
 
-class RegistryRuntime:
+class LeaseTimer:
     """Runs next to a Registry: evicts leases at their expiry, wakes long polls."""
 
     def __init__(self, registry: Registry) -> None:

@@ -14,9 +14,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-from gateway.config import Config, OutlierConfig
-from registry.models import Instance
-from registry.store import Registry, UnknownInstance
+from gateway.config.model import Config, OutlierConfig
+from registry.core.errors import UnknownInstance, UnknownService
+from registry.core.models import Instance
+from registry.core.store import Registry
 
 log = logging.getLogger("gateway.outliers")
 
@@ -62,7 +63,7 @@ class Outliers:
     def _eject(self, instance: Instance, config: OutlierConfig) -> None:
         try:
             states = self.registry.state_counts(instance.service)
-        except LookupError:
+        except UnknownService:
             return
         if states["ejected"] + 1 > int(sum(states.values()) * config.max_ejected):
             return  # never more than max_ejected of the service (a lone one: never)

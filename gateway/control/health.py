@@ -17,9 +17,10 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from gateway.config import HealthCheckConfig
-from registry.models import Instance
-from registry.store import Registry, UnknownInstance
+from gateway.config.model import HealthCheckConfig
+from registry.core.errors import UnknownInstance
+from registry.core.models import Instance
+from registry.core.store import Registry
 
 log = logging.getLogger("gateway.health")
 

@@ -10,16 +10,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.errors import GatewayError, error_response, to_response
-from gateway.metrics import GatewayMetrics
-from gateway.proxy import Proxy
-from gateway.routing import BadPath, RouteSpec, host_name, normalize_path
-from gateway.status import render
+from gateway.control.metrics import GatewayMetrics
+from gateway.control.status import render
+from gateway.dataplane.context import ProxyContext
+from gateway.dataplane.routing import BadPath, RouteSpec, host_name, normalize_path
+from gateway.dataplane.wire import error_body
 from registry import api as registry_api
-from registry.runtime import RegistryRuntime
-from registry.store import Registry, UnknownService
+from registry.backends.base import RegistryBackend
+from registry.core.errors import ApiError, UnknownService
 
-PROXY = web.AppKey("proxy", Proxy)
+PROXY = web.AppKey("proxy", ProxyContext)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 TOKEN = web.AppKey("token", str)
 READINESS = web.AppKey("readiness", dict)  # {"reason": str} when degraded
@@ -28,13 +28,24 @@ ROUTE_JSON = web.AppKey("route_json", dict)  # the table last listed, its routes
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(code, message),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error of the admin listener is SPEC's JSON error shape."""
     try:
         return await handler(request)
-    except GatewayError as error:
-        return to_response(error)
+    except ApiError as error:  # the registry's, the routing's: every refusal
+        return error_response(error.status, error.code, error.message, error.headers)
     except web.HTTPMethodNotAllowed as exc:
         allow = ", ".join(sorted(exc.allowed_methods))
         return error_response(
@@ -55,7 +66,7 @@ async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResp
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode(), token.encode()
         ):
-            raise GatewayError(
+            raise ApiError(
                 401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
     return await handler(request)
@@ -68,10 +79,10 @@ async def status_page(request: web.Request) -> web.Response:
         try:
             proxy.registry.service_index(service)  # known?
         except UnknownService as exc:
-            raise GatewayError(404, "unknown_service", str(exc)) from None
+            raise ApiError(404, "unknown_service", str(exc)) from None
     page = request.query.get("page", "1")
     if not (page.isascii() and page.isdigit() and 0 < int(page) <= 1_000_000):
-        raise GatewayError(400, "invalid_page", "page must be an integer from 1")
+        raise ApiError(400, "invalid_page", "page must be an integer from 1")
     page_html = render(proxy.table, proxy.registry, service, int(page))
     return web.Response(text=page_html, content_type="text/html")
 
@@ -90,7 +101,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     # Evict ended leases first, so a scrape never shows an instance gone from
     # gateway_registry_instances without its eviction counted.
-    request.app[registry_api.REGISTRY].expire()
+    request.app[registry_api.BACKEND].store.expire()
     # The values are copied here, on the loop (they change under it); the families are
     # built and the text written in a thread.
     body = await asyncio.to_thread(request.app[METRICS].exposition())
@@ -104,10 +115,10 @@ async def routes(request: web.Request) -> web.Response:
         try:
             path = normalize_path(request.query["path"].split("?", 1)[0])
         except BadPath as exc:
-            raise GatewayError(400, "bad_path", str(exc)) from None
+            raise ApiError(400, "bad_path", str(exc)) from None
         match = proxy.table.match(host_name(request.query.get("host")), path)
         if match is None:
-            raise GatewayError(404, "no_route", f"no route for {path}")
+            raise ApiError(404, "no_route", f"no route for {path}")
         route = match.route
         return web.json_response(
             {
@@ -157,21 +168,19 @@ def _route_fragments(routes: Sequence[RouteSpec]) -> list[tuple[str, str]]:
 
 
 def build_admin_app(
-    proxy: Proxy,
-    registry: Registry,
-    runtime: RegistryRuntime,
+    proxy: ProxyContext,
+    backend: RegistryBackend,
     gateway_metrics: GatewayMetrics,
     token: str | None,
     readiness: dict[str, str],
 ) -> web.Application:
     app = web.Application(
-        middlewares=[json_errors, bearer_token, registry_api.registry_errors],
+        middlewares=[json_errors, bearer_token],
         client_max_size=registry_api.MAX_BODY,
     )
     app[PROXY] = proxy
     app[METRICS] = gateway_metrics
-    app[registry_api.REGISTRY] = registry
-    app[registry_api.RUNTIME] = runtime
+    app[registry_api.BACKEND] = backend
     app[READINESS] = readiness
     app[ROUTE_JSON] = {}
     if token:

@@ -1,14 +1,12 @@
-"""Prometheus metrics of SPEC section 6.
+"""Prometheus metrics of SPEC section 6: the exposition of /metrics.
 
-The request path only adds to plain integers held by a RouteStats (one per
-configured route) and a ServiceStats (one per service): no lock, no label
-lookup. A collector turns them into metric families when Prometheus scrapes.
-Registry events are rare and use prometheus_client's counters directly.
+The request path only adds to the plain integers of gateway.dataplane.stats; the
+families are built from copies of them when Prometheus scrapes. Registry events
+are rare and use prometheus_client's counters directly.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -20,92 +18,14 @@ from prometheus_client.core import (
     Metric,
 )
 
-from registry.models import Instance
-from registry.store import Registry
+from gateway.dataplane.stats import BUCKETS, RequestStats
+from registry.core.models import Instance
+from registry.core.store import Registry
 
 # The *_created series double the output and nobody reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
-UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
-BUCKETS: Final[tuple[float, ...]] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 _BUCKET_LABELS: Final = [repr(b) for b in BUCKETS] + ["+Inf"]
-_BOUNDS: Final = len(BUCKETS)
-
-
-def method_label(method: str) -> str:
-    """A bounded label: the standard methods, everything else OTHER."""
-    return method if method in METHODS else "OTHER"
-
-
-RETRY_RATIO: Final = 0.2  # retries allowed: 20% of the requests of the last second...
-RETRY_FLOOR: Final = 10  # ...plus 10 a second
-BUDGET_WINDOW: Final = 10  # samples of (requests, retries), one a tick: the last second
-
-
-class ServiceStats:
-    """Per-service numbers the request path moves, and the retry budget they give."""
-
-    __slots__ = ("name", "in_flight", "retries", "errors", "requests", "_window")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.in_flight = 0
-        self.retries = 0
-        self.requests = 0
-        self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
-        self._window: deque[tuple[int, int]] = deque([(0, 0)], maxlen=BUDGET_WINDOW)
-
-    def sample(self) -> None:
-        """Called once a tick (0.1 s): the window the retry budget looks at moves on."""
-        self._window.append((self.requests, self.retries))
-
-    def may_retry(self) -> bool:
-        """Retries stay under 20% of recent requests plus 10/s, so an outage is not
-        multiplied by retries (they would fail too)."""
-        requests, retries = self._window[0]
-        recent_requests = self.requests - requests
-        recent_retries = self.retries - retries
-        return recent_retries < RETRY_RATIO * recent_requests + RETRY_FLOOR
-
-
-class RouteStats:
-    """Per-route request counts and latency histogram."""
-
-    __slots__ = ("route", "service", "counts", "buckets", "sum", "count")
-
-    def __init__(self, route: str, service: ServiceStats) -> None:
-        self.route = route
-        self.service = service
-        self.counts: dict[tuple[str, int], int] = {}
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, method: str, status: int, seconds: float) -> None:
-        key = (method, status)
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
-        bucket = 0  # the first bound >= seconds (a scan: most requests stop at the first)
-        while bucket < _BOUNDS and BUCKETS[bucket] < seconds:
-            bucket += 1
-        self.buckets[bucket] += 1
-        self.sum += seconds
-        self.count += 1
 
 
 def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -187,11 +107,9 @@ class _Families:
 
 
 class GatewayMetrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, stats: RequestStats | None = None) -> None:
         self.collector_registry = r = CollectorRegistry(auto_describe=False)
-        self.services: dict[str, ServiceStats] = {}
-        self._routes: dict[tuple[str, str], RouteStats] = {}
-        self.unmatched = RouteStats("none", ServiceStats("none"))
+        self.stats = stats or RequestStats(registry)  # this process's request numbers
         self.remote: dict[int, Any] = {}  # worker -> its latest snapshot()
         self.registry = registry
 
@@ -213,43 +131,12 @@ class GatewayMetrics:
             self.config_reloads.labels(result)
         registry.subscribe(self._on_registry_event)
 
-    def service(self, name: str) -> ServiceStats:
-        found = self.services.get(name)
-        if found is None:
-            found = self.services[name] = ServiceStats(name)
-        return found
-
-    def route(self, route: str, service: str) -> RouteStats:
-        key = (route, service)
-        found = self._routes.get(key)
-        if found is None:
-            found = self._routes[key] = RouteStats(route, self.service(service))
-        return found
-
-    def all_routes(self) -> Iterator[RouteStats]:
-        yield from self._routes.values()
-        if self.unmatched.count:
-            yield self.unmatched
-
-    def snapshot(self) -> dict[str, Any]:
-        """What a worker reports: its request numbers and its requests in flight."""
-        return {
-            **self.request_numbers(),
-            "instances": [
-                [name, i.id, i.in_flight]
-                for name, stats in self.services.items()
-                if stats.in_flight  # only services with requests in flight: idle ones cost nothing
-                for i in self.registry.instances(name)
-                if i.in_flight
-            ],
-        }
-
     def exposition(self) -> Callable[[], bytes]:
         """What /metrics answers, in two steps. Here, on the loop: a copy of the numbers
         that change under it, O(routes + services). The function returned builds the
         families and writes the text (~90% of a scrape's time: 80 ms at 1,000 services
         x 10,000 instances), and may run in a thread; the counters lock themselves."""
-        numbers = [self.request_numbers(), *self.remote.values()]
+        numbers = [self.stats.request_numbers(), *self.remote.values()]
         registry = self.registry
         states = [(name, registry.state_counts(name)) for name in registry.service_names()]
 
@@ -262,25 +149,6 @@ class GatewayMetrics:
             return generate_latest(_Families(families))
 
         return write
-
-    def request_numbers(self) -> dict[str, Any]:
-        """This process's request numbers, as plain data (JSON-able), copied."""
-        return {
-            "routes": [
-                [
-                    r.route,
-                    r.service.name,
-                    [[m, c, n] for (m, c), n in r.counts.items()],
-                    list(r.buckets),
-                    r.sum,
-                    r.count,
-                ]
-                for r in self.all_routes()
-            ],
-            "services": [
-                [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
-            ],
-        }
 
     def set_remote(self, worker: int, snapshot: Any) -> None:
         """A worker's latest numbers (None: it is gone)."""

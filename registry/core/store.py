@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
-from registry.balancer import WeightedRoundRobin
-from registry.models import (
+from registry.core.balancer import WeightedRoundRobin
+from registry.core.errors import InvalidField, UnknownInstance, UnknownService
+from registry.core.models import (
     INSTANCE_STATES,
     Instance,
-    InvalidField,
     format_address,
     instance_state,
     validate_host,
@@ -33,14 +33,6 @@ Clock = Callable[[], float]
 # (event, service, instance); event is one of EVENTS
 Listener = Callable[[str, str, Instance], None]
 EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted")
-
-
-class UnknownService(LookupError):
-    code: ClassVar[str] = "unknown_service"
-
-
-class UnknownInstance(LookupError):
-    code: ClassVar[str] = "unknown_instance"
 
 
 class _Service:

@@ -9,6 +9,29 @@ that opens a new upstream connection.
 This is the hot path: state that most requests never change lives in class
 attributes (an instance only stores what differs), and the common case does
 no more calls than it must.
+
+The phases of an exchange (``phase``):
+
+==========  ============================================  ===============================
+phase       what is going on                              goes to
+==========  ============================================  ===============================
+QUEUED      head read; answers to earlier pipelined       ATTEMPT (start); DONE (refused)
+            requests of the connection come first
+ATTEMPT     routed: picking an instance, connecting,      RESPONDING (response head);
+            sending, waiting for the response head;       TUNNEL (a 101); DONE (an error
+            a failed attempt may go again (a retry)       answer, the client gone)
+RESPONDING  the response head is in: the body streams     DONE (complete, or cut off)
+            to the client
+TUNNEL      after a 101: bytes both ways as they come     DONE (either side closes)
+DONE        answered or abandoned; counted once (_end)    -
+==========  ============================================  ===============================
+
+The client's side moves on its own: ``request_done`` when its message is complete,
+``request_sent`` when all of it went to the upstream. Every way out goes through
+``_end``: the upstream connection is closed if still held, the attempt and the
+request are counted, and the client connection is told how it ended (ANSWERED: it
+goes on with the next request or closes; ABORTED: cut, so a partial answer never
+looks complete; GONE: it is gone already).
 """
 
 from __future__ import annotations
@@ -16,16 +39,25 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-from gateway.errors import error_bytes
-from gateway.headers import HeaderError, RequestHead, ResponseHead, no_fragment
-from gateway.metrics import RouteStats, ServiceStats
-from gateway.pool import UpstreamConnection
+from gateway.dataplane.pool import UpstreamConnection
+from gateway.dataplane.stats import CONNECT, PROTOCOL, RESET, TIMEOUT, RouteStats, ServiceStats
+from gateway.dataplane.wire import (
+    BODYLESS,
+    CHUNKED,
+    TO_CLOSE,
+    HeaderError,
+    RequestHead,
+    ResponseHead,
+    error_bytes,
+    no_fragment,
+    response_framing,
+)
 
 if TYPE_CHECKING:
-    from gateway.config import RouteConfig
-    from gateway.listener import ClientConnection
-    from gateway.proxy import Proxy
-    from registry.models import Instance
+    from gateway.config.model import RouteConfig
+    from gateway.dataplane.context import ProxyContext
+    from gateway.dataplane.listener import ClientConnection
+    from registry.core.models import Instance
 
 log = logging.getLogger("gateway.proxy")
 
@@ -34,6 +66,23 @@ CLIENT_CLOSED: Final = 499  # the client went away; nginx logs this as 499
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_LIMIT: Final = 256 * 1024  # request body (or tunnel bytes) held for the upstream
 _CLOSE_AFTER: Final = frozenset({400, 405, 413, 414, 431})
+
+QUEUED: Final = 0
+ATTEMPT: Final = 1
+RESPONDING: Final = 2
+TUNNEL: Final = 3
+DONE: Final = 4
+
+# Why the client connection's reading is paused (bits: ClientConnection.pause/resume).
+PAUSE_PIPELINE: Final = 1  # pipelined requests wait: nothing more is read meanwhile
+PAUSE_BUFFER: Final = 2  # the body (or tunnel bytes) held for the upstream is full
+PAUSE_UPSTREAM: Final = 4  # the upstream socket takes no more for now
+PAUSE_STOPPED: Final = 8  # nothing more is read at all
+
+# How an exchange ended, for the client connection (_end).
+ANSWERED: Final = 0
+ABORTED: Final = 1
+GONE: Final = 2
 
 
 class Exchange:
@@ -46,27 +95,24 @@ class Exchange:
     upstream: UpstreamConnection | None = None
     buffer: list[bytes] | None = None  # body read before an upstream took the request
     buffered = 0  # body bytes seen, for max_body
+    phase = QUEUED
     request_done = False  # the client's request message is complete
     request_sent = False  # ...and all of it went to the upstream
-    response_started = False
-    response_done = False
     pending: bytes | None = None  # response head not yet written (joins the first body bytes)
     status = 0
     deadline = 0.0
     client_chunked = False
     eof_body = False  # the response body ends when the upstream closes
-    done = False
     upstream_keep_alive = False
-    last_reason = "connect"
+    last_reason = CONNECT
     authority: bytes | None = None  # of an absolute-form target
     upgrade: bytes | None = None  # "websocket": this is a handshake the gateway tunnels
-    tunnel = False  # after a 101: bytes are passed both ways as they come
     early: list[bytes] | None = None  # the client's bytes after the handshake, before the 101
     unchecked = False  # sent on a pooled connection not checked for a close by the upstream
 
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: ProxyContext,
         client: ClientConnection,
         head: RequestHead,
         method: bytes,
@@ -83,7 +129,7 @@ class Exchange:
         self.keep_alive = keep_alive
         self.started = proxy.loop.time()
         self.request_id = head.request_id_or_new()
-        self.stats: RouteStats = proxy.metrics.unmatched
+        self.stats: RouteStats = proxy.stats.unmatched
         self.has_body = head.has_body
         self.no_body = method == b"HEAD"
         if head.upgrade_to is not None and head.websocket and method == b"GET":
@@ -95,6 +141,7 @@ class Exchange:
     def start(self, now: float) -> None:
         """The request head is in (and its turn has come): route it, send it to an instance."""
         method, url, head = self.method, self.url, self.head
+        self.phase = ATTEMPT
         try:
             if method == b"CONNECT":
                 raise HeaderError(405, "method_not_allowed", "CONNECT is not supported")
@@ -126,12 +173,12 @@ class Exchange:
         self._attempt(now)
 
     def client_body(self, data: bytes) -> None:
-        if self.done:
+        if self.phase == DONE:
             return  # answered already (an error): the rest of the body is dropped
         route = self.route
         if route is not None and route.max_body is not None:
             self.buffered += len(data)
-            if self.buffered > route.max_body and not self.response_started:
+            if self.buffered > route.max_body and self.phase < RESPONDING:
                 self._too_large(route)
                 return
         if self.head.chunked:
@@ -153,12 +200,12 @@ class Exchange:
             held = []
         held.append(data)
         if sum(map(len, held)) > _BUFFER_LIMIT:
-            self.client.pause("buffer")
+            self.client.pause(PAUSE_BUFFER)
         return held
 
     def _release_held(self, held: list[bytes], upstream: UpstreamConnection) -> None:
         upstream.write(b"".join(held))
-        self.client.resume("buffer")
+        self.client.resume(PAUSE_BUFFER)
 
     def client_done(self) -> None:
         self.request_done = True
@@ -166,37 +213,29 @@ class Exchange:
         if self.head.chunked:
             if upstream is not None:
                 upstream.write(b"0\r\n\r\n")
-            elif not self.done:
+            elif self.phase != DONE:
                 if self.buffer is None:
                     self.buffer = []
                 self.buffer.append(b"0\r\n\r\n")
         if upstream is not None:
             self.request_sent = True
-            if not self.response_started:
+            if self.phase == ATTEMPT:
                 # A body took its time: the response timeout starts now. Without one,
                 # this follows the head at once.
                 self._expect_head(self.proxy.loop.time() if self.has_body else self.started)
-        if self.response_done:
-            self._finish()
 
     def client_lost(self) -> None:
         """The client disconnected: cancel the upstream request."""
-        if self.done:
-            return
-        self._drop_upstream()
-        self._complete(CLIENT_CLOSED if not self.response_done else self.status)
+        self._end(self.status if self.phase == TUNNEL else CLIENT_CLOSED, GONE)
 
     def client_failed(self, status: int, code: str, message: str) -> None:
         """The rest of the request broke the framing rules or did not come in time: the
         client's fault, not the instance's. The upstream is cut off, the client answered."""
-        if self.done:
-            return
-        self._drop_upstream()
-        self._end_attempt()
-        if self.response_started:
-            self.client.abort()
-            self._complete(self.status)
+        if self.phase >= RESPONDING:
+            self._end(self.status, ABORTED)
         else:
+            self._drop_upstream()
+            self._end_attempt()
             self.fail(status, code, message)
 
     def client_writable(self, writable: bool) -> None:
@@ -260,10 +299,10 @@ class Exchange:
         try:
             connection = await self.proxy.pool.connect(instance, route.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            if not self.done:
-                self._attempt_failed(f"connect failed: {exc or 'timed out'}", "connect")
+            if self.phase != DONE:
+                self._attempt_failed(f"connect failed: {exc or 'timed out'}", CONNECT)
             return
-        if self.done or self.instance is not instance:
+        if self.phase == DONE or self.instance is not instance:
             connection.release(True)  # a fresh connection nobody needs now: keep it
             return
         self._send(connection, self.proxy.loop.time())
@@ -312,7 +351,7 @@ class Exchange:
         assert self.service is not None and self.route is not None
         self.service.errors[reason] += 1
         instance = self.instance
-        if instance is not None and (reason == "connect" or reason == "timeout"):
+        if instance is not None and (reason in (CONNECT, TIMEOUT)):
             self.proxy.outliers.failed(instance)
         log.warning(
             "%s %s -> %s/%s: %s: %s",
@@ -328,8 +367,8 @@ class Exchange:
         # A failed connect sent nothing: the body read so far is still in the buffer.
         # Otherwise the upstream may have seen the request: only a bodiless idempotent
         # one goes again, and never after a timeout.
-        again = reason == "connect" or (
-            reason != "timeout" and self.method in IDEMPOTENT and not self.has_body
+        again = reason == CONNECT or (
+            reason != TIMEOUT and self.method in IDEMPOTENT and not self.has_body
         )
         if again and len(self.tried or ()) <= self.route.retries and self.service.may_retry():
             self._attempt(self.proxy.loop.time())
@@ -339,11 +378,11 @@ class Exchange:
     def _give_up(self, reason: str) -> None:
         assert self.route is not None
         service = self.route.service
-        if reason == "connect":
+        if reason == CONNECT:
             self.fail(
                 502, "upstream_unavailable", f"could not connect to any instance of {service!r}"
             )
-        elif reason == "timeout":
+        elif reason == TIMEOUT:
             self.fail(504, "upstream_timeout", f"{service!r} sent no response head in time")
         else:
             self.fail(
@@ -389,20 +428,19 @@ class Exchange:
             else:
                 self.proxy.outliers.succeeded(instance)
         self.upstream_keep_alive = keep_alive and not response.close and self.upgrade is None
-        no_body = self.no_body or status == 204 or status == 304
-        framing = b""
-        if no_body or (response.content_length is not None and not response.chunked):
-            pass  # Content-Length, if any, is among the kept lines
-        elif self.http11:
+        length = response.content_length
+        framing = response_framing(self.no_body, status, length, response.chunked, self.http11)
+        lines = b""  # Content-Length, if any, is among the kept lines
+        if framing == CHUNKED:
             self.client_chunked = True
-            framing = b"Transfer-Encoding: chunked\r\n"
-        else:
+            lines = b"Transfer-Encoding: chunked\r\n"
+        elif framing == TO_CLOSE:
             self.keep_alive = False  # an HTTP/1.0 client reads to the close
-        self.eof_body = not no_body and response.content_length is None and not response.chunked
-        framing += self._connection_header()
-        self.response_started = True
+        self.eof_body = framing != BODYLESS and length is None and not response.chunked
+        lines += self._connection_header()
+        self.phase = RESPONDING
         # Held back one step: it goes out with the first body bytes, in one write.
-        self.pending = response.client_head(self.request_id, framing)
+        self.pending = response.client_head(self.request_id, lines)
 
     def _switch(self, status: int, response: ResponseHead) -> bool:
         """A 101 to an upgrade request: from now on a tunnel. True when it took over."""
@@ -418,8 +456,7 @@ class Exchange:
         if self.instance is not None:
             self.proxy.outliers.succeeded(self.instance)
         self.status = 101
-        self.tunnel = True
-        self.response_started = self.response_done = True
+        self.phase = TUNNEL
         self.keep_alive = False
         self.client.write(
             response.client_head(
@@ -439,10 +476,10 @@ class Exchange:
         """Bytes of the switched protocol from the client (they may come with the request):
         held until the upstream's 101, so nothing unrouted reaches it as HTTP."""
         upstream = self.upstream
-        if self.tunnel:
+        if self.phase == TUNNEL:
             if upstream is not None:
                 upstream.write(data)
-        elif not self.done:
+        elif self.phase != DONE:
             self.early = self._hold(self.early, data)
 
     def on_response_body(self, data: bytes) -> None:
@@ -455,7 +492,7 @@ class Exchange:
         self.client.write(data)
 
     def on_response_complete(self) -> None:
-        if self.tunnel:
+        if self.phase == TUNNEL:
             return  # llhttp ends the 101 message; the tunnel goes on
         pending = self.pending
         if pending is not None:
@@ -463,43 +500,44 @@ class Exchange:
             self.client.write(pending + b"0\r\n\r\n" if self.client_chunked else pending)
         elif self.client_chunked:
             self.client.write(b"0\r\n\r\n")
-        self.response_done = True
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
             upstream.release(self.upstream_keep_alive and self.request_sent)
-        self._end_attempt()
         if not self.request_done:
             # The upstream answered before the client finished sending: close after
             # this answer, the rest of the request body is not worth reading.
             self.keep_alive = False
-        self._finish()
+        self._end(self.status, ANSWERED)
+
+    def on_upstream_closed(self) -> None:
+        """The upstream closed the connection cleanly (EOF)."""
+        if self.eof_body and self.phase == RESPONDING:
+            self.upstream = None
+            self.on_response_complete()  # the body was delimited by the close
+        else:
+            self.on_upstream_lost("connection closed", RESET)
 
     def on_upstream_lost(self, error: str, reason: str) -> None:
         self.upstream = None
-        if self.done:
+        phase = self.phase
+        if phase == DONE:
             return
-        if self.tunnel:  # the upstream ended the tunnel: so does the client connection
-            self._end_attempt()
-            self._finish()
+        if phase == TUNNEL:  # the upstream ended the tunnel: so does the client connection
+            self._end(self.status, ANSWERED)
             return
-        if self.response_started:
-            if self.eof_body and reason == "reset" and error == "connection closed":
-                self.on_response_complete()  # the body was delimited by the close
-                return
+        if phase == RESPONDING:
             # Headers went out already: abort, so the client sees a truncated body,
             # never a short one finished cleanly.
             assert self.service is not None
             self.service.errors[reason] += 1
             log.warning("upstream %s failed mid-body: %s", (self.tried or ["-"])[-1], error)
-            self._end_attempt()
             if self.pending is not None:
                 self.client.write(self.pending)
                 self.pending = None
-            self.client.abort()
-            self._complete(self.status)
+            self._end(self.status, ABORTED)
             return
-        if self.unchecked and reason == "reset":
+        if self.unchecked and reason == RESET:
             self._resend()  # a pooled connection the upstream had closed
             return
         self._attempt_failed(error, reason)
@@ -508,25 +546,25 @@ class Exchange:
         """The upstream's answer cannot be passed on: its connection is closed, so nothing
         more from it reaches the client; the attempt failed (502 or a retry)."""
         self._drop_upstream()
-        self.on_upstream_lost(error, "protocol")
+        self.on_upstream_lost(error, PROTOCOL)
 
     def on_upstream_writable(self, writable: bool) -> None:
         """Backpressure from the upstream socket onto the client read."""
         if writable:
-            self.client.resume("upstream")
+            self.client.resume(PAUSE_UPSTREAM)
         else:
-            self.client.pause("upstream")
+            self.client.pause(PAUSE_UPSTREAM)
 
     def timed_out(self) -> None:
         """No response head within the route's timeout (called by the listener's ticker)."""
         self._drop_upstream()
-        self._attempt_failed("no response head in time", "timeout")
+        self._attempt_failed("no response head in time", TIMEOUT)
 
     # -- the end ---------------------------------------------------------------------------
 
     def fail(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
         """Answer with a gateway error (nothing of a response went out yet)."""
-        if self.done:
+        if self.phase == DONE:
             return
         self.status = status
         self.buffer = None
@@ -534,8 +572,7 @@ class Exchange:
             self.keep_alive = False  # the rest of the request is not worth reading
         extra += self._connection_header()
         self.client.write(error_bytes(status, code, message, self.request_id, extra))
-        self.response_done = True
-        self._finish()
+        self._end(status, ANSWERED)
 
     def _connection_header(self) -> bytes:
         """The answer's Connection line: close (also when the gateway is shutting down), or
@@ -546,20 +583,21 @@ class Exchange:
             return b"Connection: close\r\n"
         return b"" if self.http11 else b"Connection: keep-alive\r\n"
 
-    def _finish(self) -> None:
-        if self.done:
+    def _end(self, status: int, how: int) -> None:
+        """The one way out: whatever is still held is let go, the request is counted,
+        the client connection hears ``how`` it ended (ANSWERED, ABORTED or GONE)."""
+        if self.phase == DONE:
             return
-        self._complete(self.status)
-        self.client.exchange_done(self, self.keep_alive)
-
-    def _complete(self, status: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.instance is not None:
-            self._end_attempt()
+        self.phase = DONE
+        self.buffer = self.early = None
+        self._drop_upstream()
+        self._end_attempt()
         if self.service is not None:
             self.service.in_flight -= 1
         self.stats.observe(
             self.proxy.method_label(self.method), status, self.proxy.loop.time() - self.started
         )
+        if how == ANSWERED:
+            self.client.exchange_done(self, self.keep_alive)
+        elif how == ABORTED:
+            self.client.abort()

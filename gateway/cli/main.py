@@ -7,7 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway.config import Config, ConfigError, describe_routes, load_config, parse_listen
+from gateway.config.describe import describe_routes
+from gateway.config.loader import load_config
+from gateway.config.model import Config, ConfigError, parse_listen
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
 
@@ -108,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from gateway.app import run_loop
-    from gateway.workers import run_worker
+    from gateway.control.workers import run_worker
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -122,7 +124,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config import shadow_warnings
+    from gateway.config.describe import shadow_warnings
 
     config = _load(args.config)
     if config is None:
@@ -136,13 +138,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from registry.sidecar import print_services
+    from gateway.cli.registry import print_services
 
     return print_services(args.admin, args.token)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from registry.sidecar import run_sidecar
+    from gateway.cli.registry import run_sidecar
 
     return run_sidecar(args.admin, args.token, args.service, args.address, args.ttl)
 

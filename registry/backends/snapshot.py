@@ -36,10 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from registry.models import (
+from registry.core.errors import InvalidField, UnknownInstance
+from registry.core.models import (
     REGISTRATION_FIELDS,
     Instance,
-    InvalidField,
     validate_host,
     validate_id,
     validate_metadata,
@@ -49,7 +49,7 @@ from registry.models import (
     validate_state,
     validate_weight,
 )
-from registry.store import Registry, UnknownInstance
+from registry.core.store import Registry
 
 log = logging.getLogger("registry.snapshot")
 
@@ -265,7 +265,7 @@ def load_snapshot(registry: Registry, path: Path) -> int:
     A missing file restores nothing. A file that cannot be read or parsed is moved aside
     to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>`` with one warning; then 0 is returned.
     Never raises for bad content. Emits no registry events (``Registry.mirror``), so call
-    it before the lease reaper (RegistryRuntime.start) so it sees the restored leases.
+    it before the lease reaper (LeaseTimer.start) so it sees the restored leases.
     """
     try:
         data = path.read_bytes()

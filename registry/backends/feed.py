@@ -15,8 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from registry.models import REGISTRATION_FIELDS, Instance
-from registry.store import Registry
+from registry.core.models import REGISTRATION_FIELDS, Instance
+from registry.core.store import Registry
 
 log = logging.getLogger("registry.feed")
 

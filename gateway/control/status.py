@@ -11,9 +11,9 @@ import time
 from html import escape
 from itertools import islice
 
-from gateway.routing import RouteTable
-from registry.models import INSTANCE_STATES, Instance
-from registry.store import Registry
+from gateway.dataplane.routing import RouteTable
+from registry.core.models import INSTANCE_STATES, Instance
+from registry.core.store import Registry
 
 PAGE_SIZE = 100  # instances a page; also the most listed without choosing a service
 MAX_ROUTES = 500  # route rows shown; the rest are in /routes

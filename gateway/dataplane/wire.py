@@ -11,9 +11,13 @@ adds afterwards.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
+from http import HTTPStatus
 from typing import Final
+
+from registry.core.errors import ApiError
 
 MAX_FIELD: Final = 8 * 1024  # one header line
 MAX_TOTAL: Final = 64 * 1024  # all header lines of a message
@@ -76,14 +80,8 @@ _REQUEST_KINDS.update(
 )
 
 
-class HeaderError(ValueError):
-    """A message the gateway refuses; status and code are SPEC's."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class HeaderError(ApiError):
+    """A request (or response) the data plane refuses; status and code are SPEC's."""
 
 
 def no_fragment(part: bytes) -> None:
@@ -339,3 +337,51 @@ class ResponseHead:
         return b"".join(
             (self.status_line, self.lines, b"X-Request-ID: ", request_id, b"\r\n", framing, b"\r\n")
         )
+
+
+def error_body(code: str, message: str) -> bytes:
+    """SPEC's JSON error shape (the admin listener answers the same bytes)."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def error_bytes(
+    status: int,
+    code: str,
+    message: str,
+    request_id: bytes,
+    extra: bytes = b"",
+    close: bool = False,
+) -> bytes:
+    """A whole JSON error response, as the data plane writes it."""
+    body = error_body(code, message)
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            b"X-Request-ID: ",
+            request_id,
+            b"\r\n",
+            extra,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        ]
+    )
+
+
+# How a response body reaches the client (response_framing).
+BODYLESS: Final = 0  # HEAD, 204, 304: the head is the whole answer
+AS_SENT: Final = 1  # its Content-Length is passed on with the bytes
+CHUNKED: Final = 2  # chunked to an HTTP/1.1 client (the gateway chunks what llhttp decodes)
+TO_CLOSE: Final = 3  # to an HTTP/1.0 client without a length: the body ends with the close
+
+
+def response_framing(
+    head_request: bool, status: int, content_length: bytes | None, chunked: bool, http11: bool
+) -> int:
+    """BODYLESS, AS_SENT, CHUNKED or TO_CLOSE for a response to the client."""
+    if head_request or status == 204 or status == 304:
+        return BODYLESS
+    if content_length is not None and not chunked:
+        return AS_SENT
+    return CHUNKED if http11 else TO_CLOSE

@@ -17,8 +17,9 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from gateway.config import Config, load_config
-from gateway.routing import RouteTable
+from gateway.config.loader import load_config
+from gateway.config.model import Config
+from gateway.dataplane.routing import RouteTable
 
 log = logging.getLogger("gateway.reload")
 

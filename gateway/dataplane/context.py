@@ -9,31 +9,31 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
-from gateway.headers import HeaderError, no_fragment
-from gateway.metrics import GatewayMetrics, RouteStats, method_label
-from gateway.outliers import Outliers
-from gateway.pool import ConnectionPool
-from gateway.routing import BadPath, RouteTable, host_name, normalize_path
-from registry.store import Registry
+from gateway.dataplane.outliers import Outliers
+from gateway.dataplane.pool import ConnectionPool
+from gateway.dataplane.routing import BadPath, RouteTable, host_name, normalize_path
+from gateway.dataplane.stats import RequestStats, RouteStats, method_label
+from gateway.dataplane.wire import HeaderError, no_fragment
+from registry.core.store import Registry
 
 if TYPE_CHECKING:
-    from gateway.config import RouteConfig
-    from gateway.exchange import Exchange
+    from gateway.config.model import RouteConfig
+    from gateway.dataplane.exchange import Exchange
 
 ROUTE_CACHE_SIZE: Final = 4096
 
 
-class Proxy:
+class ProxyContext:
     def __init__(
         self,
         table: RouteTable,
         registry: Registry,
-        metrics: GatewayMetrics,
+        stats: RequestStats,
         outliers: Outliers | None = None,
     ) -> None:
         self.registry = registry
         self.outliers = outliers or Outliers(registry, {})
-        self.metrics = metrics
+        self.stats = stats
         self.pool = ConnectionPool()
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
         self.loop = asyncio.get_running_loop()
@@ -69,7 +69,7 @@ class Proxy:
         if match is None:
             raise HeaderError(404, "no_route", f"no route for {path}")
         route: RouteConfig = match.route  # type: ignore[assignment]
-        stats = self.metrics.route(route.prefix, route.service)
+        stats = self.stats.route(route.prefix, route.service)
         found = (route, match.upstream_path.encode("latin-1"), stats)
         if len(self._routes) >= ROUTE_CACHE_SIZE:
             self._routes.clear()

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 
-from gateway.headers import MAX_TOTAL
+from gateway.dataplane.stats import PROTOCOL, RESET
+from gateway.dataplane.wire import MAX_TOTAL
 
 # What a closed connection keeps instead of its own parser, whose callbacks are bound
 # methods of the connection (a cycle the collector would have to find): calls nothing.
 _DETACHED: Final = httptools.HttpResponseParser(None)
 
 if TYPE_CHECKING:
-    from registry.models import Instance
+    from registry.core.models import Instance
 
 Key = tuple[str, str, int]  # scheme, host, port
 MAX_IDLE_PER_INSTANCE: Final = 512
@@ -34,25 +35,53 @@ CHECK_AFTER: Final = 0.0005
 MAX_HEAD: Final = MAX_TOTAL + 8 * 1024
 
 
+# The states of an UpstreamConnection (see its docstring).
+CONNECTING: Final = 0
+IDLE: Final = 1
+BUSY: Final = 2
+TUNNEL: Final = 3
+CLOSED: Final = 4
+
+
 class Owner(Protocol):
-    """What an upstream connection reports to (gateway.exchange.Exchange)."""
+    """What an upstream connection reports to (gateway.dataplane.exchange.Exchange)."""
 
     def on_response_head(self, status: int, raw: bytes, keep_alive: bool) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_complete(self) -> None: ...
+    def on_upstream_closed(self) -> None: ...
     def on_upstream_lost(self, error: str, reason: str) -> None: ...
     def on_upstream_writable(self, writable: bool) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
 
 
 class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native class)
+    """One connection to an instance. Its states:
+
+    ==========  =========================================  ==============================
+    state       what it is                                 goes to
+    ==========  =========================================  ==============================
+    CONNECTING  opened by ConnectionPool.connect           IDLE (connection_made)
+    IDLE        no owner: in the pool, or just opened;     BUSY (start); CLOSED (any byte
+                nothing may arrive                         or EOF, sweep, pool full)
+    BUSY        an exchange's request went out; its        IDLE (release, reusable);
+                response is parsed and reported to it      TUNNEL (a 101); CLOSED
+    TUNNEL      after a 101: raw bytes both ways           CLOSED
+    CLOSED      aborted, or lost: nothing more is written  (end; connection_lost drops
+                or read                                    every reference)
+    ==========  =========================================  ==============================
+
+    The owner hears of the end once: on_upstream_closed for a clean close by the
+    upstream (EOF), on_upstream_lost(error, reason) for anything else.
+    """
+
     __slots__ = (
         "pool",
         "key",
         "transport",
         "owner",
         "idle_since",
-        "closed",
+        "state",
         "_parser",
         "_head",
         "_no_body",
@@ -61,7 +90,6 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         "_release",
         "_paused",
         "_fd",
-        "tunnel",
     )
 
     def __init__(self, pool: ConnectionPool, key: Key) -> None:
@@ -70,7 +98,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self.transport: asyncio.Transport | None = None
         self.owner: Owner | None = None
         self.idle_since = 0.0
-        self.closed = False
+        self.state = CONNECTING
         # Its own parser holds bound methods of this connection (a cycle): made by
         # connection_made, swapped back by connection_lost (a failed connect calls neither).
         self._parser = _DETACHED
@@ -81,13 +109,13 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self._release: bool | None = None  # set while feeding: release after the feed
         self._paused = False
         self._fd = -1  # the socket's, for alive()
-        self.tunnel = False  # after a 101: raw bytes both ways, never pooled
 
     # -- used by the exchange ----------------------------------------------------
 
     def start(self, owner: Owner, head: bytes, no_body: bool) -> None:
         """Take a request: its head goes out now, its body through ``write``."""
         self.owner = owner
+        self.state = BUSY
         self._no_body = no_body
         self._skip_body = False
         self._head = b""
@@ -95,7 +123,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self.transport.write(head)
 
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if self.state != CLOSED and self.transport is not None:
             self.transport.write(data)
 
     def release(self, reusable: bool) -> None:
@@ -104,7 +132,8 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         if self._feeding:
             self._release = reusable
             return
-        if reusable and not self.closed:
+        if reusable and (self.state == BUSY or self.state == IDLE):
+            self.state = IDLE
             self.pool.put(self)
         else:
             self.close()
@@ -117,7 +146,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         at once in both of those cases.
         """
         if self._fd < 0:
-            return not self.closed
+            return self.state != CLOSED
         try:
             os.read(self._fd, 1)
         except BlockingIOError:
@@ -128,18 +157,18 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
 
     def close(self) -> None:
         self.owner = None
-        if not self.closed:
-            self.closed = True
+        if self.state != CLOSED:
+            self.state = CLOSED
             if self.transport is not None:
                 self.transport.abort()
 
     def pause_reading(self) -> None:
-        if not self._paused and self.transport is not None and not self.closed:
+        if not self._paused and self.transport is not None and self.state != CLOSED:
             self._paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._paused and self.transport is not None and not self.closed:
+        if self._paused and self.transport is not None and self.state != CLOSED:
             self._paused = False
             self.transport.resume_reading()
 
@@ -148,6 +177,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self._parser = httptools.HttpResponseParser(self)
+        self.state = IDLE
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
 
@@ -156,7 +186,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         if owner is None:
             self.close()  # an idle connection has nothing to say: it is broken
             return
-        if self.tunnel:
+        if self.state == TUNNEL:
             owner.on_tunnel_data(data)
             return
         head = self._head
@@ -170,7 +200,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # 101 Switching Protocols: from here on the bytes are the new protocol's.
-            self.tunnel = True
+            self.state = TUNNEL
             rest = data[upgrade.args[0] :]
             if rest and self.owner is not None:
                 self.owner.on_tunnel_data(rest)
@@ -191,19 +221,23 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         owner = self.owner
         self.close()
         if owner is not None:
-            owner.on_upstream_lost(error, "protocol")
+            owner.on_upstream_lost(error, PROTOCOL)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The one teardown: the parser (its callbacks lead back here), the transport and
         the owner are dropped, so that reference counting alone frees the connection."""
-        self.closed = True
+        self.state = CLOSED
         self.pool.discard(self)
         self._parser = _DETACHED
         self.transport = None
         self._head = None
         owner, self.owner = self.owner, None
-        if owner is not None:
-            owner.on_upstream_lost(str(exc) if exc else "connection closed", "reset")
+        if owner is None:
+            pass
+        elif exc is None:
+            owner.on_upstream_closed()
+        else:
+            owner.on_upstream_lost(str(exc), RESET)
 
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost follows
@@ -265,7 +299,7 @@ class ConnectionPool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.closed:
+            if connection.state == CLOSED:
                 continue
             if check:
                 loop = self._loop or asyncio.get_running_loop()

@@ -16,15 +16,15 @@ import socket
 import sys
 import time
 
-from gateway.config import Config, ConfigError
-from gateway.listener import Listener
-from gateway.metrics import GatewayMetrics
-from gateway.outliers import Outliers, outlier_configs
-from gateway.proxy import Proxy
-from gateway.reload import FileWatcher, load_off_loop
-from gateway.routing import RouteTable
-from registry.feed import RegistryFeed, follow, stats_line
-from registry.store import Registry
+from gateway.config.model import Config, ConfigError
+from gateway.control.reload import FileWatcher, load_off_loop
+from gateway.dataplane.context import ProxyContext
+from gateway.dataplane.listener import Listener
+from gateway.dataplane.outliers import Outliers, outlier_configs
+from gateway.dataplane.routing import RouteTable
+from gateway.dataplane.stats import RequestStats
+from registry.backends.feed import RegistryFeed, follow, stats_line
+from registry.core.store import Registry
 
 log = logging.getLogger("gateway.workers")
 
@@ -94,9 +94,9 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
     registry = Registry(
         time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
     )
-    metrics = GatewayMetrics(registry)
-    proxy = Proxy(
-        RouteTable(config.routes), registry, metrics, Outliers(registry, outlier_configs(config))
+    stats = RequestStats(registry)
+    proxy = ProxyContext(
+        RouteTable(config.routes), registry, stats, Outliers(registry, outlier_configs(config))
     )
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=feed_fd))
     ready = asyncio.Event()
@@ -132,13 +132,13 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         loop.add_signal_handler(signal.SIGHUP, watcher.ask)
     while not stopping.is_set():
         if not writer.is_closing():
-            writer.write(stats_line(metrics.snapshot()))
+            writer.write(stats_line(stats.snapshot()))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STATS_INTERVAL):
                 await stopping.wait()
     await listener.shutdown(30.0)
     if not writer.is_closing():
-        writer.write(stats_line(metrics.snapshot()))
+        writer.write(stats_line(stats.snapshot()))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
     writer.close()

@@ -9,113 +9,36 @@ as an absent key.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from gateway import yamltree
-from registry.models import SERVICE_NAME_RE, InvalidField, format_address, validate_host
-from registry.units import parse_duration, parse_size
+from gateway.config import yamltree
+from gateway.config.describe import format_duration
+from gateway.config.model import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    HealthCheckConfig,
+    OutlierConfig,
+    ProxySettings,
+    RegistryConfig,
+    RouteConfig,
+    ServiceConfig,
+    parse_listen,
+    parse_port,
+)
+from registry.core.errors import InvalidField
+from registry.core.models import SERVICE_NAME_RE, format_address, validate_host
+from registry.core.units import parse_duration, parse_size
 
 _T = TypeVar("_T")
-
-
-class ConfigError(Exception):
-    """Every mistake found in a config file, each as ``file:line: message``."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-@dataclass(frozen=True)
-class HealthCheckConfig:
-    path: str | None = None  # HTTP check path; None for a TCP check
-    tcp: bool = False
-    interval: float = 5.0
-    timeout: float = 1.0
-    healthy: int = 2
-    unhealthy: int = 3
-    expected_status: tuple[int, int] = (200, 399)
-
-
-@dataclass(frozen=True)
-class OutlierConfig:
-    consecutive_failures: int = 5
-    base_ejection: float = 30.0
-    max_ejected: float = 0.5
-    consecutive_5xx: int | None = None  # None: 5xx answers do not count as failures
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    name: str
-    instances: tuple[tuple[str, int], ...] = ()
-    health_check: HealthCheckConfig | None = None
-    outlier: OutlierConfig = OutlierConfig()
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    connect_timeout: float = 2.0
-    timeout: float = 30.0
-    retries: int = 2
-    header_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    body_timeout: float = 60.0  # between two reads of a client's request body
-    send_timeout: float = 60.0  # a client that accepts no bytes of its answer for this long
-    max_connections: int = 10000
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    prefix: str
-    service: str
-    strip_prefix: bool = False
-    host: str | None = None  # lower-cased, no port; None matches any host
-    preserve_host: bool = True
-    timeout: float = 30.0  # effective values: the route's override, else the proxy setting
-    connect_timeout: float = 2.0
-    retries: int = 2
-    max_body: int | None = None
-    line: int = 0
-
-    @cached_property
-    def prefix_bytes(self) -> bytes:
-        return self.prefix.encode()
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: tuple[str, int] = ("127.0.0.1", 8081)
-    token_env: str | None = None
-
-
-@dataclass(frozen=True)
-class RegistryConfig:
-    default_ttl: float = 30.0
-    max_ttl: float = 3600.0
-    snapshot: Path | None = None
-    backend: str = "memory"
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path | None
-    listen: tuple[str, int] = ("0.0.0.0", 8080)
-    admin: AdminConfig = AdminConfig()
-    registry: RegistryConfig = RegistryConfig()
-    proxy: ProxySettings = ProxySettings()
-    routes: tuple[RouteConfig, ...] = ()
-    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
 
 
 _TOP_KEYS = ("listen", "admin", "registry", "proxy", "routes", "services")
@@ -180,66 +103,6 @@ def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None
     if reader.errors:
         raise ConfigError([message for _, message in sorted(reader.errors, key=lambda e: e[0])])
     return config
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
-    usage = f"invalid listen address {value!r}: use HOST:PORT, [IPv6]:PORT or :PORT"
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        raise ValueError(usage)
-    port = _parse_port(port_text, 0, f"invalid listen address {value!r}")
-    if not host:
-        return "0.0.0.0", port
-    bracketed = host.startswith("[") and host.endswith("]")
-    try:
-        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
-    except ValueError:
-        address = None
-    if address is not None and bracketed == (address.version == 6):
-        return str(address), port
-    if bracketed or ":" in host:
-        raise ValueError(usage)
-    try:
-        return validate_host(host), port
-    except InvalidField:
-        raise ValueError(usage) from None
-
-
-def describe_routes(config: Config) -> list[str]:
-    """The routing table for ``gateway check``: host, prefix, service and non-default options."""
-    rows = [
-        (
-            route.host or "*",
-            route.prefix,
-            f"-> {route.service}",
-            _route_options(route, config.proxy),
-        )
-        for route in config.routes
-    ]
-    widths = [max((len(row[column]) for row in rows), default=0) for column in range(3)]
-    lines = []
-    for row in rows:
-        cells = [row[column].ljust(widths[column]) for column in range(3)]
-        lines.append("  ".join([*cells, row[3]]).rstrip())
-    return lines
-
-
-def shadow_warnings(config: Config) -> list[str]:
-    """Warn where a longer prefix takes paths from the route that would otherwise match."""
-    filename = str(config.path) if config.path is not None else "routes.yaml"
-    first: dict[tuple[str | None, str], RouteConfig] = {}
-    for route in config.routes:
-        first.setdefault((route.host, route.prefix), route)
-    warnings = []
-    for route in config.routes:
-        nearest = _nearest_cover(first, route)
-        if nearest is not None and nearest.service != route.service:
-            warnings.append(
-                f"warning: {filename}:{route.line}: prefix {route.prefix} (service {route.service})"
-                f" shadows part of {nearest.prefix} (service {nearest.service})"
-            )
-    return warnings
 
 
 class _Reader:
@@ -417,9 +280,9 @@ def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
         s.error("max_ttl", "must be at least 1s")
     elif not 1 <= default_ttl <= max_ttl:
         if s.node("default_ttl") is not None:
-            s.error("default_ttl", f"must be between 1s and max_ttl ({_format_duration(max_ttl)})")
+            s.error("default_ttl", f"must be between 1s and max_ttl ({format_duration(max_ttl)})")
         else:
-            s.error("max_ttl", f"must be at least default_ttl ({_format_duration(default_ttl)})")
+            s.error("max_ttl", f"must be at least default_ttl ({format_duration(default_ttl)})")
     snapshot = s.get("snapshot", None, _file_path)
     if snapshot is not None and base_dir is not None:
         snapshot = base_dir / snapshot
@@ -622,12 +485,6 @@ def _fraction(value: str | float) -> float:
     return float(fraction)
 
 
-def _parse_port(text: str, minimum: int, context: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not minimum <= int(text) <= 65535:
-        raise ValueError(f"{context}: port must be an integer in {minimum}..65535")
-    return int(text)
-
-
 def _parse_address(text: str) -> tuple[str, int]:
     """An instance or etcd ``host:port``; IPv6 in brackets as ``[::1]:9000``."""
     host, sep, port_text = text.rpartition(":")
@@ -638,7 +495,7 @@ def _parse_address(text: str) -> tuple[str, int]:
             f"invalid address {text!r}: put an IPv6 address in brackets, e.g. [::1]:9000"
         )
     try:
-        return validate_host(host), _parse_port(port_text, 1, f"invalid address {text!r}")
+        return validate_host(host), parse_port(port_text, 1, f"invalid address {text!r}")
     except InvalidField as exc:
         raise ValueError(f"invalid address {text!r}: {exc.message}") from None
 
@@ -655,51 +512,3 @@ def _describe(node: Node, value: object) -> str:
     if isinstance(node, SequenceNode):
         return "a list"
     return repr(value) if isinstance(value, str) else str(node.value) or "null"
-
-
-def _nearest_cover(
-    first: dict[tuple[str | None, str], RouteConfig], route: RouteConfig
-) -> RouteConfig | None:
-    """The route with the longest prefix above ``route``'s, for its host or any host
-    (the host's own first): a walk up the path, segment by segment, not over all routes."""
-    prefix = route.prefix
-    while prefix != "/":
-        prefix = prefix.rsplit("/", 1)[0] or "/"
-        found = (route.host is not None and first.get((route.host, prefix))) or first.get(
-            (None, prefix)
-        )
-        if found:
-            return found
-    return None
-
-
-def _route_options(route: RouteConfig, proxy: ProxySettings) -> str:
-    """The route's non-default settings; timeouts and retries compare with the proxy's."""
-    options = ["strip_prefix"] if route.strip_prefix else []
-    if not route.preserve_host:
-        options.append("preserve_host=false")
-    if route.timeout != proxy.timeout:
-        options.append(f"timeout={_format_duration(route.timeout)}")
-    if route.connect_timeout != proxy.connect_timeout:
-        options.append(f"connect_timeout={_format_duration(route.connect_timeout)}")
-    if route.retries != proxy.retries:
-        options.append(f"retries={route.retries}")
-    if route.max_body is not None:
-        options.append(f"max_body={_format_size(route.max_body)}")
-    return " ".join(options)
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    for unit, scale in (("h", 3600), ("m", 60)):
-        if seconds % scale == 0:
-            return f"{seconds / scale:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def _format_size(size: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)

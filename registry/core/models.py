@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from registry.units import parse_duration
+from registry.core.errors import InvalidField
+from registry.core.units import parse_duration
 
 SERVICE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,128}")
@@ -23,16 +24,6 @@ STATES = ("up", "draining")
 # What an instance counts as in listings and gateway_registry_instances: health wins over state.
 INSTANCE_STATES = ("up", "draining", "ejected", "failing")
 SCHEMES = ("http", "https")
-
-
-class InvalidField(ValueError):
-    """A registration field fails validation; ``code`` is ``invalid_<field>``."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.code = f"invalid_{field_name}"
-        self.message = message
 
 
 @dataclass

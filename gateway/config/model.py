@@ -1,0 +1,132 @@
+"""The configuration's model: frozen dataclasses, no YAML (the data plane reads these)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from registry.core.errors import InvalidField
+from registry.core.models import validate_host
+
+
+class ConfigError(Exception):
+    """Every mistake found in a config file, each as ``file:line: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    path: str | None = None  # HTTP check path; None for a TCP check
+    tcp: bool = False
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy: int = 2
+    unhealthy: int = 3
+    expected_status: tuple[int, int] = (200, 399)
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    consecutive_failures: int = 5
+    base_ejection: float = 30.0
+    max_ejected: float = 0.5
+    consecutive_5xx: int | None = None  # None: 5xx answers do not count as failures
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    instances: tuple[tuple[str, int], ...] = ()
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+    retries: int = 2
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 60.0  # between two reads of a client's request body
+    send_timeout: float = 60.0  # a client that accepts no bytes of its answer for this long
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str
+    service: str
+    strip_prefix: bool = False
+    host: str | None = None  # lower-cased, no port; None matches any host
+    preserve_host: bool = True
+    timeout: float = 30.0  # effective values: the route's override, else the proxy setting
+    connect_timeout: float = 2.0
+    retries: int = 2
+    max_body: int | None = None
+    line: int = 0
+
+    @cached_property
+    def prefix_bytes(self) -> bytes:
+        return self.prefix.encode()
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 8081)
+    token_env: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    default_ttl: float = 30.0
+    max_ttl: float = 3600.0
+    snapshot: Path | None = None
+    backend: str = "memory"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin: AdminConfig = AdminConfig()
+    registry: RegistryConfig = RegistryConfig()
+    proxy: ProxySettings = ProxySettings()
+    routes: tuple[RouteConfig, ...] = ()
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces); port 0 picks a free one."""
+    usage = f"invalid listen address {value!r}: use HOST:PORT, [IPv6]:PORT or :PORT"
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(usage)
+    port = parse_port(port_text, 0, f"invalid listen address {value!r}")
+    if not host:
+        return "0.0.0.0", port
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        address = None
+    if address is not None and bracketed == (address.version == 6):
+        return str(address), port
+    if bracketed or ":" in host:
+        raise ValueError(usage)
+    try:
+        return validate_host(host), port
+    except InvalidField:
+        raise ValueError(usage) from None
+
+
+def parse_port(text: str, minimum: int, context: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not minimum <= int(text) <= 65535:
+        raise ValueError(f"{context}: port must be an integer in {minimum}..65535")
+    return int(text)

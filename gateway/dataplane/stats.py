@@ -1,0 +1,160 @@
+"""The request numbers the data plane moves: plain integers, no lock, no label lookup.
+
+One RouteStats per configured route and one ServiceStats per service; the control
+plane (gateway.control.metrics) turns them into Prometheus metric families when
+scraped, and workers send copies of them to the primary.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Final
+
+from registry.core.store import Registry
+
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+# Why an upstream attempt failed: the values of gateway_upstream_errors_total's reason.
+CONNECT: Final = "connect"  # no connection could be opened in connect_timeout
+TIMEOUT: Final = "timeout"  # no response head in the route's timeout
+RESET: Final = "reset"  # the connection broke (or closed) before the response's end
+PROTOCOL: Final = "protocol"  # the upstream's answer breaks HTTP/1.1 or cannot be passed on
+UPSTREAM_ERROR_REASONS: Final = (CONNECT, TIMEOUT, RESET, PROTOCOL)
+BUCKETS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_BOUNDS: Final = len(BUCKETS)
+
+
+def method_label(method: str) -> str:
+    """A bounded label: the standard methods, everything else OTHER."""
+    return method if method in METHODS else "OTHER"
+
+
+RETRY_RATIO: Final = 0.2  # retries allowed: 20% of the requests of the last second...
+RETRY_FLOOR: Final = 10  # ...plus 10 a second
+BUDGET_WINDOW: Final = 10  # samples of (requests, retries), one a tick: the last second
+
+
+class ServiceStats:
+    """Per-service numbers the request path moves, and the retry budget they give."""
+
+    __slots__ = ("name", "in_flight", "retries", "errors", "requests", "_window")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.in_flight = 0
+        self.retries = 0
+        self.requests = 0
+        self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self._window: deque[tuple[int, int]] = deque([(0, 0)], maxlen=BUDGET_WINDOW)
+
+    def sample(self) -> None:
+        """Called once a tick (0.1 s): the window the retry budget looks at moves on."""
+        self._window.append((self.requests, self.retries))
+
+    def may_retry(self) -> bool:
+        """Retries stay under 20% of recent requests plus 10/s, so an outage is not
+        multiplied by retries (they would fail too)."""
+        requests, retries = self._window[0]
+        recent_requests = self.requests - requests
+        recent_retries = self.retries - retries
+        return recent_retries < RETRY_RATIO * recent_requests + RETRY_FLOOR
+
+
+class RouteStats:
+    """Per-route request counts and latency histogram."""
+
+    __slots__ = ("route", "service", "counts", "buckets", "sum", "count")
+
+    def __init__(self, route: str, service: ServiceStats) -> None:
+        self.route = route
+        self.service = service
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, method: str, status: int, seconds: float) -> None:
+        key = (method, status)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        bucket = 0  # the first bound >= seconds (a scan: most requests stop at the first)
+        while bucket < _BOUNDS and BUCKETS[bucket] < seconds:
+            bucket += 1
+        self.buckets[bucket] += 1
+        self.sum += seconds
+        self.count += 1
+
+
+class RequestStats:
+    """All of a process's request numbers: per service, per route, and the requests
+    no route took."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.services: dict[str, ServiceStats] = {}
+        self._routes: dict[tuple[str, str], RouteStats] = {}
+        self.unmatched = RouteStats("none", ServiceStats("none"))
+
+    def service(self, name: str) -> ServiceStats:
+        found = self.services.get(name)
+        if found is None:
+            found = self.services[name] = ServiceStats(name)
+        return found
+
+    def route(self, route: str, service: str) -> RouteStats:
+        key = (route, service)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = RouteStats(route, self.service(service))
+        return found
+
+    def all_routes(self) -> Iterator[RouteStats]:
+        yield from self._routes.values()
+        if self.unmatched.count:
+            yield self.unmatched
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a worker reports: its request numbers and its requests in flight."""
+        return {
+            **self.request_numbers(),
+            "instances": [
+                [name, i.id, i.in_flight]
+                for name, stats in self.services.items()
+                if stats.in_flight  # only services with requests in flight: idle ones cost nothing
+                for i in self.registry.instances(name)
+                if i.in_flight
+            ],
+        }
+
+    def request_numbers(self) -> dict[str, Any]:
+        """This process's request numbers, as plain data (JSON-able), copied."""
+        return {
+            "routes": [
+                [
+                    r.route,
+                    r.service.name,
+                    [[m, c, n] for (m, c), n in r.counts.items()],
+                    list(r.buckets),
+                    r.sum,
+                    r.count,
+                ]
+                for r in self.all_routes()
+            ],
+            "services": [
+                [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
+            ],
+        }

@@ -1,0 +1,1 @@
+"""For services: a small synchronous admin client and the heartbeating Sidecar."""
