@@ -34,6 +34,7 @@ from gateway.dataplane.pool import UpstreamConnection  # noqa: E402
 from gateway.dataplane.routing import RouteTable  # noqa: E402
 from gateway.dataplane.stats import RequestStats  # noqa: E402
 from registry.core.store import Registry  # noqa: E402
+from tests.fakes import FakeTransport  # noqa: E402
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
@@ -48,25 +49,6 @@ services:
   bench:
     instances: ["127.0.0.1:18001", "127.0.0.1:18002"]
 """
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 5555) if name == "peername" else default
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 async def main(count: int, profile: bool) -> None:
