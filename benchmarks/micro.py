@@ -120,7 +120,7 @@ REQUEST_HEADERS = [
 
 
 def bench_request_head() -> tuple[Callable[[], object], int]:
-    """gateway.headers.RequestHead: 10 headers in, the upstream request head out."""
+    """gateway.dataplane.wire.RequestHead: 10 headers in, the upstream request head out."""
     from gateway.dataplane.wire import RequestHead
 
     headers = [(k.encode(), v.encode()) for k, v in REQUEST_HEADERS]
@@ -145,7 +145,7 @@ RESPONSE_HEAD = (
 
 
 def bench_response_head() -> tuple[Callable[[], object], int]:
-    """gateway.headers.ResponseHead on a typical 7-header response, not cached."""
+    """gateway.dataplane.wire.ResponseHead on a typical 7-header response, not cached."""
     from gateway.dataplane.wire import ResponseHead
 
     def run() -> None:

@@ -1,4 +1,4 @@
-"""gateway.config: routes.yaml into frozen dataclasses, mistakes as exact `file:line: message`."""
+"""gateway.config.loader: routes.yaml into frozen dataclasses, mistakes as `file:line: message`."""
 
 from __future__ import annotations
 
@@ -736,7 +736,7 @@ def test_an_unreadable_file_is_one_error(tmp_path: Path) -> None:
 
 def test_importing_the_config_does_not_import_aiohttp_or_asyncio() -> None:
     code = (
-        "import sys, gateway.config; "
+        "import sys, gateway.config.loader; "
         "print(sorted(m for m in ('aiohttp', 'asyncio') if m in sys.modules))"
     )
     root = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""gateway.yamltree: libyaml's events into the very tree PyYAML's pure composer builds."""
+"""gateway.config.yamltree: libyaml's events into the very tree PyYAML's pure composer builds."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The kernel spreads client connections over the processes (SO_REUSEPORT). The
 primary keeps the one registry and the admin listener; each worker proxies from
-a mirror of the registry that the primary streams to it (registry.feed), and
+a mirror of the registry that the primary streams to it (registry.backends.feed), and
 sends its request statistics back for /metrics.
 """
 

@@ -17,7 +17,7 @@ class BadPath(ValueError):
 
 
 class RouteSpec(Protocol):
-    """What the table needs of a configured route (gateway.config.RouteConfig)."""
+    """What the table needs of a configured route (gateway.config.model.RouteConfig)."""
 
     @property
     def prefix(self) -> str: ...

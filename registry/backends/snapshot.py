@@ -101,7 +101,7 @@ def _health(value: object, where: str) -> str:
 
 
 def _model(check: Callable[[object], Any]) -> Callable[[object, str], Any]:
-    """A registry.models validator, its message prefixed with where the value is."""
+    """A registry.core.models validator, its message prefixed with where the value is."""
 
     def checked(value: object, where: str) -> Any:
         try:
