@@ -234,8 +234,6 @@ class Exchange:
         if self.phase >= RESPONDING:
             self._end(self.status, ABORTED)
         else:
-            self._drop_upstream()
-            self._end_attempt()
             self.fail(status, code, message)
 
     def client_writable(self, writable: bool) -> None:
@@ -351,7 +349,7 @@ class Exchange:
         assert self.service is not None and self.route is not None
         self.service.errors[reason] += 1
         instance = self.instance
-        if instance is not None and (reason in (CONNECT, TIMEOUT)):
+        if instance is not None and reason in (CONNECT, TIMEOUT):
             self.proxy.outliers.failed(instance)
         log.warning(
             "%s %s -> %s/%s: %s: %s",
@@ -405,8 +403,7 @@ class Exchange:
             self.proxy.registry.request_finished(instance)
 
     def _too_large(self, route: RouteConfig) -> None:
-        self._drop_upstream()
-        self._end_attempt()
+        """The body passed the route's max_body: 413 (the upstream, if any, is cut off)."""
         self.fail(413, "payload_too_large", f"body over {route.max_body} bytes for this route")
 
     # -- from the upstream connection ------------------------------------------------------
