@@ -27,6 +27,8 @@ from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.listener import Listener
 from gateway.dataplane.outliers import Outliers, outlier_configs
 from gateway.dataplane.routing import RouteTable
+from registry.backends.base import RegistryBackend
+from registry.backends.etcd import EtcdBackend, parse_endpoints
 from registry.backends.feed import RegistryFeed
 from registry.backends.memory import MemoryBackend
 from registry.core.store import Registry
@@ -61,6 +63,15 @@ def _checks(config: Config) -> dict[str, HealthCheckConfig]:
     return {name: s.health_check for name, s in config.services.items() if s.health_check}
 
 
+def _backend(config: Config, registry: Registry) -> RegistryBackend:
+    """The registry backend routes.yaml names. Made before anything subscribes to the
+    registry: the memory backend loads the snapshot (restored, not new, registrations)."""
+    backend = config.registry.backend
+    if backend.startswith("etcd://"):
+        return EtcdBackend(registry, parse_endpoints(backend))
+    return MemoryBackend(registry, config.registry.snapshot)
+
+
 class Gateway:
     def __init__(
         self,
@@ -92,8 +103,7 @@ class Gateway:
             clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
         )
         self._apply_services(config, previous=None)
-        # Before anything subscribes to the registry: it loads the snapshot.
-        self.backend = MemoryBackend(self.registry, config.registry.snapshot)
+        self.backend = _backend(config, self.registry)
         self.health = HealthChecker(self.registry, _checks(config))
         self.metrics = GatewayMetrics(self.registry)
         self.readiness: dict[str, str] = {}

@@ -92,7 +92,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    reason = request.app[READINESS].get("reason")
+    reason = request.app[READINESS].get("reason") or request.app[registry_api.BACKEND].problem()
     if reason:
         return web.json_response({"status": "degraded", "reason": reason}, status=503)
     return web.json_response({"status": "ready"})

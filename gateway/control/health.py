@@ -126,7 +126,7 @@ class HealthChecker:
             task = self._tasks.pop(key, None)
             if task is not None:
                 task.cancel()
-        elif event == "registered" and key not in self._tasks:
+        elif event in ("registered", "mirrored") and key not in self._tasks:
             self._watch(instance)
 
     def _watch(self, instance: Instance) -> None:

@@ -46,6 +46,10 @@ class RegistryBackend(abc.ABC):
     async def deregister(self, service: str, instance_id: str) -> None:
         """Remove an instance. UnknownService, UnknownInstance."""
 
+    def problem(self) -> str | None:
+        """Why the backend cannot take writes now (the gateway is not ready), or None."""
+        return None
+
     @abc.abstractmethod
     async def wait_for_change(self, service: str, index: int, timeout: float) -> None:
         """Return when the service's index in ``store`` goes above ``index``, or after

@@ -58,7 +58,7 @@ HEALTHS = ("healthy", "ejected", "failing")
 _LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment rfc3339() can print
 
 
-class _Unreadable(ValueError):
+class Unreadable(ValueError):
     """The snapshot's content is not what this module writes; the message says where."""
 
 
@@ -67,36 +67,36 @@ class _Unreadable(ValueError):
 
 def _number(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Unreadable(f"{where} must be a number")
+        raise Unreadable(f"{where} must be a number")
     number = float(value)
     if not math.isfinite(number):
-        raise _Unreadable(f"{where} must be a finite number")
+        raise Unreadable(f"{where} must be a finite number")
     return number
 
 
 def _time(value: object, where: str) -> float:
     moment = _number(value, where)
     if not 0.0 <= moment <= _LATEST_TIME:
-        raise _Unreadable(f"{where} is not a time between 1970 and 9999")
+        raise Unreadable(f"{where} is not a time between 1970 and 9999")
     return moment
 
 
 def _ttl(value: object, where: str) -> float:
     ttl = _number(value, where)
     if ttl < 1.0:
-        raise _Unreadable(f"{where} must be at least 1 second")
+        raise Unreadable(f"{where} must be at least 1 second")
     return ttl
 
 
 def _bool(value: object, where: str) -> bool:
     if not isinstance(value, bool):
-        raise _Unreadable(f"{where} must be true or false")
+        raise Unreadable(f"{where} must be true or false")
     return value
 
 
 def _health(value: object, where: str) -> str:
     if value not in HEALTHS:
-        raise _Unreadable(f"{where} must be one of {', '.join(HEALTHS)}")
+        raise Unreadable(f"{where} must be one of {', '.join(HEALTHS)}")
     return str(value)
 
 
@@ -107,7 +107,7 @@ def _model(check: Callable[[object], Any]) -> Callable[[object, str], Any]:
         try:
             return check(value)
         except InvalidField as exc:
-            raise _Unreadable(f"{where}: {exc.message}") from None
+            raise Unreadable(f"{where}: {exc.message}") from None
 
     return checked
 
@@ -141,72 +141,81 @@ FIELDS: dict[str, Field] = {
 }
 
 
-def _instance_fields(raw: object, where: str) -> dict[str, Any]:
+def read_fields(raw: object, where: str, names: Iterable[str] = FIELDS) -> dict[str, Any]:
+    """The ``names`` of FIELDS read from a saved instance (a JSON object): checked, a
+    missing one with its default. Unreadable when one is wrong or required and missing.
+    Also how the etcd backend reads an instance's key."""
     if not isinstance(raw, dict):
-        raise _Unreadable(f"{where} must be an object")
-    missing = [name for name, f in FIELDS.items() if name not in raw and f.default is None]
+        raise Unreadable(f"{where} must be an object")
+    wanted = {name: FIELDS[name] for name in names}
+    missing = [name for name, f in wanted.items() if name not in raw and f.default is None]
     if missing:
-        raise _Unreadable(f"{where} lacks {', '.join(missing)}")
+        raise Unreadable(f"{where} lacks {', '.join(missing)}")
     fields: dict[str, Any] = {}
-    for name, f in FIELDS.items():  # a key of a newer version's field is left unread
+    for name, f in wanted.items():  # a key of a newer version's field is left unread
         if name in raw:
             fields[name] = f.check(raw[name], f"{where}.{name}")
         elif f.default is not None:
             fields[name] = f.default()
+    return fields
+
+
+def _instance_fields(raw: object, where: str) -> dict[str, Any]:
+    fields = read_fields(raw, where)
     if fields["registered_at"] > fields["last_heartbeat"]:
-        raise _Unreadable(f"{where}: registered_at is after last_heartbeat")
+        raise Unreadable(f"{where}: registered_at is after last_heartbeat")
     if fields["expires_at"] > fields["last_heartbeat"] + fields["ttl"] + 1e-3:
-        raise _Unreadable(f"{where}: expires_at is later than last_heartbeat + ttl")
+        raise Unreadable(f"{where}: expires_at is later than last_heartbeat + ttl")
     if fields["deregister_when_idle"] and fields["state"] != "draining":
-        raise _Unreadable(f"{where}: deregister_when_idle is only for a draining instance")
+        raise Unreadable(f"{where}: deregister_when_idle is only for a draining instance")
     return fields
 
 
 def _no_constants(name: str) -> Any:
-    raise _Unreadable(f"{name} is not a number")
+    raise Unreadable(f"{name} is not a number")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _Unreadable(f"key {key!r} appears twice")
+            raise Unreadable(f"key {key!r} appears twice")
         result[key] = value
     return result
 
 
 def _parse(data: bytes) -> dict[str, list[dict[str, Any]]]:
-    """Validated instance fields by service; raises _Unreadable."""
+    """Validated instance fields by service; raises Unreadable."""
     try:
         document = json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
     except RecursionError:
-        raise _Unreadable("nested too deeply") from None
-    except _Unreadable:
+        raise Unreadable("nested too deeply") from None
+    except Unreadable:
         raise
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
-        raise _Unreadable(f"invalid JSON: {exc}") from None
+        raise Unreadable(f"invalid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise _Unreadable(f"expected a JSON object, found {type(document).__name__}")
+        raise Unreadable(f"expected a JSON object, found {type(document).__name__}")
     if document.get("version") != VERSION or isinstance(document.get("version"), bool):
-        raise _Unreadable(f"version must be {VERSION}, found {document.get('version')!r}")
+        raise Unreadable(f"version must be {VERSION}, found {document.get('version')!r}")
     _time(document.get("saved_at"), "saved_at")
     services = document.get("services")
     if not isinstance(services, dict):
-        raise _Unreadable("services must be an object of service name to list of instances")
+        raise Unreadable("services must be an object of service name to list of instances")
     result: dict[str, list[dict[str, Any]]] = {}
     for name, entries in services.items():
         try:
             validate_service_name(name)
         except InvalidField as exc:
-            raise _Unreadable(f"services.{name}: {exc.message}") from None
+            raise Unreadable(f"services.{name}: {exc.message}") from None
         if not isinstance(entries, list):
-            raise _Unreadable(f"services.{name} must be a list of instances")
+            raise Unreadable(f"services.{name} must be a list of instances")
         seen: set[str] = set()
         fields_list = []
         for position, raw in enumerate(entries):
             fields = _instance_fields(raw, f"services.{name}[{position}]")
             if fields["id"] in seen:
-                raise _Unreadable(f"services.{name}[{position}]: id {fields['id']!r} twice")
+                raise Unreadable(f"services.{name}[{position}]: id {fields['id']!r} twice")
             seen.add(fields["id"])
             fields_list.append(fields)
         result[name] = fields_list
@@ -276,7 +285,7 @@ def load_snapshot(registry: Registry, path: Path) -> int:
         return 0
     try:
         services = _parse(data)
-    except _Unreadable as exc:
+    except Unreadable as exc:
         _move_aside(registry, path, str(exc))
         return 0
     now = registry.clock()

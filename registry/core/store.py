@@ -177,16 +177,32 @@ class Registry:
 
     # -- the registry API -----------------------------------------------------
 
-    def register(self, name: str, body: Mapping[str, Any]) -> tuple[Instance, bool]:
-        """Register or re-register an instance; returns it and whether it is new."""
+    def validate_registration(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A register body (SPEC section 4) checked, with its defaults: id, host, port, ttl,
+        weight, scheme, metadata. InvalidField for the first field that breaks a rule."""
         validate_service_name(name)
         host = validate_host(body.get("host"))
         port = validate_port(body.get("port"))
-        instance_id = validate_id(body["id"]) if "id" in body else format_address(host, port)
-        ttl = validate_ttl(body["ttl"], self.max_ttl) if "ttl" in body else self.default_ttl
-        weight = validate_weight(body["weight"]) if "weight" in body else 1
-        scheme = validate_scheme(body["scheme"]) if "scheme" in body else "http"
-        metadata = validate_metadata(body["metadata"]) if "metadata" in body else {}
+        return {
+            "id": validate_id(body["id"]) if "id" in body else format_address(host, port),
+            "host": host,
+            "port": port,
+            "ttl": validate_ttl(body["ttl"], self.max_ttl) if "ttl" in body else self.default_ttl,
+            "weight": validate_weight(body["weight"]) if "weight" in body else 1,
+            "scheme": validate_scheme(body["scheme"]) if "scheme" in body else "http",
+            "metadata": validate_metadata(body["metadata"]) if "metadata" in body else {},
+        }
+
+    def register(self, name: str, body: Mapping[str, Any]) -> tuple[Instance, bool]:
+        """Register or re-register an instance; returns it and whether it is new."""
+        valid = self.validate_registration(name, body)
+        instance_id: str = valid["id"]
+        host: str = valid["host"]
+        port: int = valid["port"]
+        ttl: float = valid["ttl"]
+        weight: int = valid["weight"]
+        scheme: str = valid["scheme"]
+        metadata: dict[str, str] = valid["metadata"]
         now = self.clock()
         service = self._service(name)
         existing = service.instances.get(instance_id)
@@ -223,16 +239,36 @@ class Registry:
         self._emit("heartbeat", instance)
         return instance
 
-    def update(self, name: str, instance_id: str, body: Mapping[str, Any]) -> Instance:
+    def touch(self, name: str, instance_id: str) -> Instance:
+        """A heartbeat whose lease is kept elsewhere (etcd): noted, no expiry moved."""
         instance = self.get(name, instance_id)
+        instance.last_heartbeat = self.clock()
+        self._emit("heartbeat", instance)
+        return instance
+
+    @staticmethod
+    def validate_update(instance: Instance, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A PATCH body checked against ``instance``: its state, weight, metadata and
+        deregister_when_idle after the change. InvalidField."""
         state = validate_state(body["state"]) if "state" in body else instance.state
         weight = validate_weight(body["weight"]) if "weight" in body else instance.weight
         metadata = validate_metadata(body["metadata"]) if "metadata" in body else instance.metadata
         when_idle = body.get("deregister_when_idle", False)
         if not isinstance(when_idle, bool):
             raise InvalidField("deregister_when_idle", "deregister_when_idle must be true or false")
-        instance.state, instance.weight, instance.metadata = state, weight, metadata
-        instance.deregister_when_idle = when_idle and state == "draining"
+        return {
+            "state": state,
+            "weight": weight,
+            "metadata": metadata,
+            "deregister_when_idle": when_idle and state == "draining",
+        }
+
+    def update(self, name: str, instance_id: str, body: Mapping[str, Any]) -> Instance:
+        instance = self.get(name, instance_id)
+        valid = self.validate_update(instance, body)
+        instance.state, instance.weight = valid["state"], valid["weight"]
+        instance.metadata = valid["metadata"]
+        instance.deregister_when_idle = valid["deregister_when_idle"]
         service = self._services[name]
         service.track(instance)
         self._changed(service)
@@ -252,8 +288,9 @@ class Registry:
             self._emit("updated", instance)
         return instance
 
-    def mirror(self, name: str, fields: Mapping[str, Any]) -> None:
-        """Take an instance as another registry holds it (a worker following the primary)."""
+    def mirror(self, name: str, fields: Mapping[str, Any], event: str | None = None) -> Instance:
+        """Take an instance as another registry holds it (a worker following the primary,
+        a gateway following etcd); ``event``, if given, is emitted for it."""
         service = self._service(name)
         instance = service.instances.get(fields["id"])
         if instance is None:
@@ -265,12 +302,18 @@ class Registry:
         self._watch_lease(instance)
         service.track(instance)
         self._changed(service)
+        if event is not None:
+            self._emit(event, instance)
+        return instance
 
-    def unmirror(self, name: str, instance_id: str) -> None:
+    def unmirror(self, name: str, instance_id: str, event: str = "deregistered") -> bool:
+        """Remove an instance another registry no longer holds; False if it was not here."""
         service = self._services.get(name)
         instance = service.instances.get(instance_id) if service else None
-        if service is not None and instance is not None:
-            self._remove(service, instance, "deregistered")
+        if service is None or instance is None:
+            return False
+        self._remove(service, instance, event)
+        return True
 
     def deregister(self, name: str, instance_id: str) -> Instance:
         instance = self.get(name, instance_id)
