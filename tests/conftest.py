@@ -325,3 +325,20 @@ async def stop_gateway_process(gateway: GatewayProcess) -> None:
     if gateway.process.returncode is None:
         gateway.process.kill()
         await gateway.process.wait()
+
+
+async def fresh_get(url: str) -> int:
+    """A GET on a new connection, so the kernel spreads them over the processes."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session, session.get(url) as r:
+        return r.status
+
+
+async def settle(url: str, status: int) -> list[int]:
+    """Until 10 answers in a row are ``status``: the workers' mirrors have caught up."""
+    seen: list[int] = []
+    for _ in range(200):
+        seen.append(await fresh_get(url))
+        if seen[-10:] == [status] * 10:
+            return seen
+    raise AssertionError(f"never {status} ten times in a row")

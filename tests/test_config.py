@@ -198,6 +198,14 @@ def test_the_same_prefix_under_two_hosts_is_fine() -> None:
     ]
 
 
+def test_a_snapshot_with_the_etcd_backend_is_refused() -> None:
+    text = "registry:\n  backend: etcd://127.0.0.1:2379\n  snapshot: state.json\n"
+    assert errors_of(text) == [
+        "routes.yaml:3: registry.snapshot: is for the memory backend: with etcd, etcd keeps "
+        "the registrations"
+    ]
+
+
 @pytest.mark.parametrize(
     ("backend", "ok"),
     [

@@ -21,7 +21,13 @@ import pytest
 from registry.backends.etcd import PREFIX, EtcdBackend
 from registry.backends.etcd_client import EtcdClient
 from registry.core.store import Registry
-from tests.conftest import RunningGateway
+from tests.conftest import (
+    RunningGateway,
+    fresh_get,
+    settle,
+    start_gateway_process,
+    stop_gateway_process,
+)
 from tests.etcd import EtcdMember, start_cluster
 
 pytestmark = pytest.mark.skipif(
@@ -354,3 +360,27 @@ async def test_bad_bodies_are_refused_before_etcd_is_asked(
         assert (await client.range_prefix("/"))[1] == []  # nothing was written
     finally:
         await client.close()
+
+
+async def test_workers_follow_etcd_through_the_primary(
+    etcd: EtcdMember,
+    tmp_path: Path,
+    gateway_factory: GatewayFactory,
+    upstreams: Callable[..., Any],
+) -> None:
+    """--workers 2 on etcd: the primary watches etcd and feeds its workers, as it does
+    with the memory backend; a registration made on another gateway reaches them all."""
+    (tmp_path / "routes.yaml").write_text(routes(etcd))
+    process = await start_gateway_process(tmp_path, "--workers", "2")
+    try:
+        other = await gateway_factory(routes(etcd))
+        web = await upstreams("web")
+        await other.register("web", web, id="w1")
+        await settle(f"{process.proxy_url}/x", 200)
+        assert [await fresh_get(f"{process.proxy_url}/x") for _ in range(30)] == [200] * 30
+        status, _ = await write(other, "DELETE", "/instances/w1")
+        assert status == 204
+        await settle(f"{process.proxy_url}/x", 503)
+        assert [await fresh_get(f"{process.proxy_url}/x") for _ in range(20)] == [503] * 20
+    finally:
+        await stop_gateway_process(process)
