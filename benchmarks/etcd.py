@@ -119,14 +119,16 @@ async def status_of(session: aiohttp.ClientSession, url: str) -> int:
 
 async def propagation(
     session: aiohttp.ClientSession, a: Gateway, b: Gateway, port: int, trials: int
-) -> list[float]:
-    """Seconds from a registration sent to A to B's first routed request, per trial."""
+) -> tuple[list[float], list[float]]:
+    """Per trial: seconds from a registration sent to A to B's first routed request, and
+    of those, the seconds A took to answer the registration (its etcd writes)."""
     probe = f"{b.url}/probe/small"
-    times = []
+    times, answered = [], []
     for trial in range(trials):
         instance_id = f"p{trial}"
         started = time.perf_counter()
         await register(session, a, "probe", port, instance_id)
+        answered.append(time.perf_counter() - started)
         while await status_of(session, probe) != 200:
             pass
         times.append(time.perf_counter() - started)
@@ -134,7 +136,7 @@ async def propagation(
         async with asyncio.timeout(10):
             while await status_of(session, probe) != 503:
                 pass
-    return times
+    return times, answered
 
 
 async def registrations_per_second(gw: Gateway, port: int, seconds: float) -> float:
@@ -187,7 +189,7 @@ async def main(args: argparse.Namespace) -> int:
             for gw in (a, b, m):
                 await until_ready(session, gw)
             print(f"propagation A -> B, {args.trials} trials ...", flush=True)
-            times = await propagation(session, a, b, ups[0], args.trials)
+            times, answered = await propagation(session, a, b, ups[0], args.trials)
             for gw in (b, m):
                 await register(session, gw, "bench", ups[0], "u0")
                 await register(session, gw, "bench", ups[1], "u1")
@@ -207,6 +209,8 @@ async def main(args: argparse.Namespace) -> int:
         await etcd.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     ms = [t * 1000 for t in times]
+    answer_ms = [t * 1000 for t in answered]
+    after_ms = [(t - w) * 1000 for t, w in zip(times, answered, strict=True)]
     memory_rps, etcd_rps = statistics.median(runs["memory"]), statistics.median(runs["etcd"])
     report: dict[str, Any] = {
         "propagation_ms": {
@@ -214,6 +218,10 @@ async def main(args: argparse.Namespace) -> int:
             "p50": percentile(ms, 0.5),
             "p99": percentile(ms, 0.99),
             "max": max(ms),
+            "a_answered_p50": percentile(answer_ms, 0.5),
+            "a_answered_p99": percentile(answer_ms, 0.99),
+            "b_after_a_answered_p50": percentile(after_ms, 0.5),
+            "b_after_a_answered_p99": percentile(after_ms, 0.99),
         },
         "registrations_per_second": {"etcd": etcd_rate, "memory": memory_rate},
         "small_get_rps": {
@@ -227,6 +235,10 @@ async def main(args: argparse.Namespace) -> int:
     p = report["propagation_ms"]
     print(f"\nregistration on A -> first routed request on B: p50 {p['p50']:.2f} ms, "
           f"p99 {p['p99']:.2f} ms, max {p['max']:.2f} ms ({p['trials']} trials)")  # fmt: skip
+    print(f"  of which A's answer (its etcd writes): p50 {p['a_answered_p50']:.2f} ms, p99 "
+          f"{p['a_answered_p99']:.2f} ms; B routing after A answered: p50 "
+          f"{p['b_after_a_answered_p50']:.2f} ms, "
+          f"p99 {p['b_after_a_answered_p99']:.2f} ms")  # fmt: skip
     print(f"registrations/s: etcd {etcd_rate:.0f}, memory {memory_rate:.0f} (16 clients)")
     print(f"small GET: memory {memory_rps:.0f} req/s, etcd {etcd_rps:.0f} req/s, "
           f"etcd/memory {etcd_rps / memory_rps:.2f} (medians of {args.runs})")  # fmt: skip

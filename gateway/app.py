@@ -195,6 +195,8 @@ class Gateway:
             return False
         if (config.listen, config.admin.listen) != (self.config.listen, self.config.admin.listen):
             log.warning("reload: listen addresses changed in %s; that needs a restart", path)
+        if config.registry.backend != self.config.registry.backend:
+            log.warning("reload: registry.backend changed in %s; that needs a restart", path)
         self._apply_services(config, previous=self.config)
         self.config = config
         self.health.configure(_checks(config))

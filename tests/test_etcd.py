@@ -159,15 +159,19 @@ async def test_a_re_registration_keeps_the_instance_on_a_new_lease(
 ) -> None:
     a = await gateway_factory(routes(etcd))
     web = await upstreams("web")
-    first = await a.register("web", web, id="w", metadata={"v": "1"})
-    again = await a.register("web", web, id="w", metadata={"v": "2"})
-    assert again["registered_at"] == first["registered_at"]
     client = EtcdClient([etcd.address])
     try:
-        found = await client.get(f"{PREFIX}web/w")
-        assert found is not None and b'"v": "2"' in found[1]
-        leases = await client.call("/v3/lease/leases", {})
-        assert [lease["ID"] for lease in leases.get("leases", [])] == [str(found[3])]
+        first = await a.register("web", web, id="w", metadata={"v": "1"})
+        before = await client.get(f"{PREFIX}web/w")
+        again = await a.register("web", web, id="w", metadata={"v": "2"})
+        assert again["registered_at"] == first["registered_at"]
+        after = await client.get(f"{PREFIX}web/w")
+        assert before is not None and after is not None and b'"v": "2"' in after[1]
+        assert after[3] != before[3]
+        gone = await client.call("/v3/kv/lease/timetolive", {"ID": str(before[3])})
+        assert gone["TTL"] == "-1"  # the old lease was revoked, not left to linger
+        kept = await client.call("/v3/kv/lease/timetolive", {"ID": str(after[3])})
+        assert 29 <= int(kept["TTL"]) <= 30  # a spare lease is renewed to the full ttl
     finally:
         await client.close()
 
@@ -384,3 +388,39 @@ async def test_workers_follow_etcd_through_the_primary(
         assert [await fresh_get(f"{process.proxy_url}/x") for _ in range(20)] == [503] * 20
     finally:
         await stop_gateway_process(process)
+
+
+async def test_a_watch_that_stopped_delivering_is_started_over(etcd: EtcdMember) -> None:
+    """The stream is there but nothing comes (a silently dead connection): the probe
+    sees keys of the prefix newer than the copy at two probes in a row, and restarts it.
+    Writes of other keys of a shared etcd do not count."""
+    store = Registry(lambda: 1_700_000_000.0)
+    backend = EtcdBackend(store, [etcd.address], probe_interval=0.05)
+    client = EtcdClient([etcd.address])
+    restarts = 0
+    try:
+        await backend.start()
+        original = backend._restart_watch
+
+        def counted() -> None:
+            nonlocal restarts
+            restarts += 1
+            original()
+
+        backend._restart_watch = counted  # type: ignore[method-assign]
+        for number in range(20):  # another application's keys, in the same etcd
+            await client.put(f"/other-app/{number}", b"x")
+        store.declare("web")
+        await backend.wait_for_change("web", store.service_index("web"), 0.3)  # 6 probes
+        assert restarts == 0
+        assert backend._watch is not None
+        backend._watch.cancel()  # the stream goes silent: nothing delivers any more
+        value = b'{"id": "w", "host": "127.0.0.1", "port": 9002, "registered_at": 1, "ttl": 30}'
+        await client.put(f"{PREFIX}web/w", value, await client.grant(30))
+        async with asyncio.timeout(10):
+            while [i.id for i in store.instances("web")] != ["w"]:
+                await backend.wait_for_change("web", 0, 1.0)
+        assert restarts >= 1
+    finally:
+        await backend.stop()
+        await client.close()

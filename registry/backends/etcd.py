@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ VALUE_FIELDS = (
 )
 PROBE_INTERVAL = 1.0
 MAX_RETRY_DELAY = 2.0
+MAX_SPARE_TTLS = 16  # distinct ttls a spare lease is kept ready for
 
 
 class _Resync(Exception):
@@ -100,6 +102,10 @@ class EtcdBackend(RegistryBackend):
         self._probe: asyncio.Task[None] | None = None
         self._watching_on = ""
         self._background: set[asyncio.Task[Any]] = set()
+        # One lease granted ahead for each ttl in use, with when it was granted: a
+        # registration then waits for one etcd write (the put; a keep-alive after it
+        # brings the lease back to its full ttl) instead of two (grant, then put).
+        self._spares: dict[int, tuple[int, float]] = {}
         store.subscribe(self._on_store_event)
 
     # -- life ------------------------------------------------------------------------
@@ -144,9 +150,8 @@ class EtcdBackend(RegistryBackend):
         }
         old = self._known.get((service, instance_id))  # before the watch brings the new one
         async with self._writing():
-            lease = await self.client.grant(valid["ttl"])
-            revision = await self.client.put(
-                self._key(service, instance_id), _encode(fields), lease
+            lease, revision = await self._put_on_new_lease(
+                self._key(service, instance_id), _encode(fields), valid["ttl"]
             )
         self._known[(service, instance_id)] = lease
         self._revisions[(service, instance_id)] = revision
@@ -160,6 +165,34 @@ class EtcdBackend(RegistryBackend):
             service, {**fields, "last_heartbeat": now, "expires_at": None}, event="registered"
         )
         return instance, existing is None
+
+    async def _put_on_new_lease(self, key: str, value: bytes, ttl: float) -> tuple[int, int]:
+        """Put ``key`` on a lease of its own: a spare one (renewed to the full ttl right
+        after the put), else one granted now. Returns the lease and the put's revision."""
+        seconds = max(1, round(ttl))
+        spare = self._spares.pop(seconds, None)
+        try:
+            if spare is not None and time.monotonic() - spare[1] < seconds / 2:
+                lease = spare[0]
+                try:
+                    revision = await self.client.put(key, value, lease)
+                    self._spawn(self.client.keep_alive(lease))  # back to the full ttl
+                    return lease, revision
+                except EtcdUnavailable:
+                    raise
+                except EtcdError:
+                    pass  # the spare is gone (etcd wiped?): a lease of its own, then
+            lease = await self.client.grant(seconds)
+            return lease, await self.client.put(key, value, lease)
+        finally:
+            # After the put, not beside it: etcd writes one after the other (each waits
+            # for its fsync), and the next registration's spare must not delay this one.
+            if len(self._spares) < MAX_SPARE_TTLS:
+                self._spawn(self._grant_spare(seconds))
+
+    async def _grant_spare(self, seconds: int) -> None:
+        lease = await self.client.grant(seconds)
+        self._spares[seconds] = (lease, time.monotonic())
 
     async def renew(self, service: str, instance_id: str) -> Instance:
         async with self._writing():
@@ -302,6 +335,9 @@ class EtcdBackend(RegistryBackend):
         fields["last_heartbeat"] = (
             existing.last_heartbeat if existing is not None else fields["registered_at"]
         )
+        # deregister_when_idle is acted on by the gateway that took the PATCH (it counts
+        # its own requests in flight); the others only stop sending new ones.
+        fields["deregister_when_idle"] = existing is not None and existing.deregister_when_idle
         fields["expires_at"] = None  # the lease is etcd's: never ended by this clock
         self._known[name] = lease
         self._revisions[name] = revision
@@ -321,27 +357,33 @@ class EtcdBackend(RegistryBackend):
     # -- health of the connection to etcd ------------------------------------------------
 
     async def _probing(self) -> None:
-        """Once a second: etcd's revision. No answer: degraded. The watch on another
-        member than the one answering, or behind a revision seen a probe ago: restarted."""
-        behind_since = 0
+        """Once a second: etcd's revision. No answer: degraded, and the watch starts over.
+        The watch is started over too when it is on another member than the one that
+        answers, or when keys of the prefix changed after what the copy has applied, at
+        two probes in a row (a stream that stopped delivering)."""
+        behind = False
         while True:
             await asyncio.sleep(self.probe_interval)
+            # What the copy had applied when the probe left: etcd held all of it already,
+            # so an answer below it means etcd lost history. (The watch may apply newer
+            # events while the probe is out: comparing with those would be a race.)
+            applied = self.revision
             try:
                 revision = await self.client.revision()
+                # Other keys of a shared etcd move its revision too: only ours count.
+                missed = revision > applied and await self.client.count_newer(self.prefix, applied)
             except EtcdError as exc:
                 self._down(str(exc))
                 self._restart_watch()
                 continue
-            if revision < self.revision:
+            if revision < applied:
                 self._stale = True
                 log.warning("etcd's revision went back from %d to %d; reading the whole "
-                            "registry again", self.revision, revision)  # fmt: skip
+                            "registry again", applied, revision)  # fmt: skip
                 self._restart_watch()
-            elif self.client.endpoint != self._watching_on or (
-                behind_since and self.revision < behind_since
-            ):
+            elif self.client.endpoint != self._watching_on or (behind and missed):
                 self._restart_watch()  # on a member that stopped answering, or stuck
-            behind_since = revision if revision > self.revision else 0
+            behind = bool(missed)
 
     def _up(self) -> None:
         if self._problem is not None:

@@ -124,6 +124,20 @@ class EtcdClient:
         revision = int(answer["header"]["revision"])
         return revision, [key_value(kv) for kv in answer.get("kvs", [])]
 
+    async def count_newer(self, prefix: str, revision: int) -> int:
+        """How many keys under ``prefix`` were written after ``revision``. (etcd's
+        "count" ignores min_mod_revision: the keys themselves are counted.)"""
+        answer = await self.call(
+            "/v3/kv/range",
+            {
+                "key": _b64(prefix),
+                "range_end": prefix_end(prefix),
+                "keys_only": True,
+                "min_mod_revision": str(revision + 1),
+            },
+        )
+        return len(answer.get("kvs", []))
+
     async def get(self, key: str) -> KeyValue | None:
         answer = await self.call("/v3/kv/range", {"key": _b64(key)})
         kvs = answer.get("kvs", [])
