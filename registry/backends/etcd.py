@@ -130,6 +130,10 @@ class EtcdBackend(RegistryBackend):
                     await task
         self._watch = self._probe = None
         self._long_polls.stop()
+        spares, self._spares = list(self._spares.values()), {}
+        with contextlib.suppress(EtcdError, TimeoutError):  # else they end with their ttl
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*(self.client.revoke(lease) for lease, _ in spares))
         await self.client.close()
 
     def problem(self) -> str | None:
