@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import data_plane_build
+from gateway.config.describe import ignored_settings
 from gateway.config.model import Config, ConfigError, HealthCheckConfig
 from gateway.control.admin import build_admin_app
 from gateway.control.health import HealthChecker
@@ -68,6 +69,8 @@ def _backend(config: Config, registry: Registry) -> RegistryBackend:
     registry: the memory backend loads the snapshot (restored, not new, registrations)."""
     backend = config.registry.backend
     if backend.startswith("etcd://"):
+        for warning in ignored_settings(config):
+            log.warning("%s", warning.removeprefix("warning: "))
         return EtcdBackend(registry, parse_endpoints(backend))
     return MemoryBackend(registry, config.registry.snapshot)
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config.describe import describe_routes, shadow_warnings
+from gateway.config.describe import describe_routes, ignored_settings, shadow_warnings
 from gateway.config.loader import load_config, parse_config
 from gateway.config.model import (
     AdminConfig,
@@ -198,12 +198,13 @@ def test_the_same_prefix_under_two_hosts_is_fine() -> None:
     ]
 
 
-def test_a_snapshot_with_the_etcd_backend_is_refused() -> None:
+def test_a_snapshot_with_the_etcd_backend_is_ignored_with_a_warning() -> None:
     text = "registry:\n  backend: etcd://127.0.0.1:2379\n  snapshot: state.json\n"
-    assert errors_of(text) == [
-        "routes.yaml:3: registry.snapshot: is for the memory backend: with etcd, etcd keeps "
-        "the registrations"
+    assert ignored_settings(parse_config(text)) == [
+        "warning: routes.yaml: registry.snapshot is ignored with the etcd backend "
+        "(etcd keeps the registrations)"
     ]
+    assert ignored_settings(parse_config("registry:\n  snapshot: state.json\n")) == []
 
 
 @pytest.mark.parametrize(

@@ -124,14 +124,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config.describe import shadow_warnings
+    from gateway.config.describe import ignored_settings, shadow_warnings
 
     config = _load(args.config)
     if config is None:
         return 1
     for line in describe_routes(config):
         print(line)
-    for warning in shadow_warnings(config):
+    for warning in [*shadow_warnings(config), *ignored_settings(config)]:
         print(warning, file=sys.stderr)
     print(f"{args.config}: ok, {len(config.routes)} routes")
     return 0

@@ -87,3 +87,14 @@ def _format_size(size: int) -> str:
         if size and size % scale == 0:
             return f"{size // scale}{unit}"
     return str(size)
+
+
+def ignored_settings(config: Config) -> list[str]:
+    """Settings that a valid config has but that do nothing with the rest of it."""
+    if config.registry.snapshot is not None and config.registry.backend != "memory":
+        filename = str(config.path) if config.path is not None else "routes.yaml"
+        return [
+            f"warning: {filename}: registry.snapshot is ignored with the etcd backend "
+            "(etcd keeps the registrations)"
+        ]
+    return []

@@ -287,8 +287,6 @@ def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
     if snapshot is not None and base_dir is not None:
         snapshot = base_dir / snapshot
     backend = s.get("backend", RegistryConfig.backend, _backend)
-    if snapshot is not None and backend != "memory":
-        s.error("snapshot", "is for the memory backend: with etcd, etcd keeps the registrations")
     return RegistryConfig(default_ttl, max_ttl, snapshot, backend)
 
 

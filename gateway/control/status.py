@@ -38,7 +38,7 @@ def _link(text: str, service: str, page: int = 1) -> str:
 
 def _expires(instance: Instance, now: float) -> str:
     if instance.expires_at is None:
-        return "static"
+        return "static" if instance.ttl is None else "in etcd"  # a lease etcd keeps
     return f"{max(0.0, instance.expires_at - now):.0f}s"
 
 
