@@ -278,6 +278,38 @@ async def test_a_wiped_etcd_revision_going_back_means_a_full_read(
     await until_ids(a, ["w4"])
 
 
+async def test_a_dropped_watch_resumes_from_the_last_revision_it_applied(
+    etcd: EtcdMember, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the stream is gone keys change; the new stream starts at the revision after
+    the last one applied and replays each change (no full read), deletes included."""
+    caplog.set_level(logging.INFO, logger="registry.etcd")
+    store = Registry(lambda: 1_700_000_000.0)
+    backend = EtcdBackend(store, [etcd.address])
+    client = EtcdClient([etcd.address])
+    try:
+        await backend.start()
+        await backend.register("web", {"host": "127.0.0.1", "port": 9001, "id": "stays"})
+        await backend.register("web", {"host": "127.0.0.1", "port": 9002, "id": "goes"})
+        assert backend._watch is not None
+        backend._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await backend._watch
+        await client.delete(f"{PREFIX}web/goes")
+        value = b'{"id": "new", "host": "127.0.0.1", "port": 9003, "registered_at": 1, "ttl": 30}'
+        await client.put(f"{PREFIX}web/new", value, await client.grant(30))
+        backend._restart_watch()
+        async with asyncio.timeout(10):
+            while sorted(i.id for i in store.instances("web")) != ["new", "stays"]:
+                await backend.wait_for_change("web", store.service_index("web"), 1.0)
+        messages = [r.getMessage() for r in caplog.records if r.name == "registry.etcd"]
+        assert not any("reading the whole registry again" in m for m in messages)
+        assert "web/goes left the registry (deregistered, or its lease ended)" in messages
+    finally:
+        await backend.stop()
+        await client.close()
+
+
 async def test_a_compacted_start_revision_means_a_full_read(
     etcd: EtcdMember, caplog: pytest.LogCaptureFixture
 ) -> None:
