@@ -40,6 +40,7 @@ COMPILED = [
     "registry/core/balancer.py",
     "registry/core/errors.py",
     "registry/core/models.py",
+    "registry/core/policy.py",
     "registry/core/store.py",
 ]
 

@@ -32,6 +32,7 @@ from registry.backends.base import RegistryBackend
 from registry.backends.etcd import EtcdBackend, parse_endpoints
 from registry.backends.feed import RegistryFeed
 from registry.backends.memory import MemoryBackend
+from registry.core.policy import AddressPolicy
 from registry.core.store import Registry
 
 log = logging.getLogger("gateway")
@@ -140,6 +141,7 @@ class Gateway:
                 raise StartupError(
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}"
                 ) from None
+            policy = self.registry.policy = self._address_policy()
             self._admin = web.AppRunner(
                 admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0
             )
@@ -152,6 +154,7 @@ class Gateway:
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}"
                 ) from None
             self.admin_port = int(self._admin.addresses[0][1])
+            policy.own.append((self.admin_listen[0], self.admin_port))
             await self.backend.start()
             self.health.start()
             if self.workers > 1:
@@ -162,6 +165,17 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
+
+    def _address_policy(self) -> AddressPolicy:
+        """What registrations may name: never this gateway's own listeners; loopback only
+        when the admin listener is on loopback too, or the config allows it."""
+        settings = self.config.registry
+        return AddressPolicy(
+            allow_loopback=settings.allow_loopback or _is_loopback(self.admin_listen[0]),
+            own=[(self.listen[0], self.proxy_port), self.admin_listen],
+            max_instances=settings.max_instances,
+            max_per_service=settings.max_instances_per_service,
+        )
 
     def _apply_services(self, config: Config, previous: Config | None) -> None:
         """Make the config's services known and its static instances registered; static

@@ -198,6 +198,19 @@ def test_the_same_prefix_under_two_hosts_is_fine() -> None:
     ]
 
 
+def test_registry_address_policy_and_caps() -> None:
+    text = (
+        "registry:\n  allow_loopback: true\n  max_instances: 50\n  max_instances_per_service: 5\n"
+    )
+    registry = parse_config(text).registry
+    assert (registry.allow_loopback, registry.max_instances) == (True, 50)
+    assert registry.max_instances_per_service == 5
+    assert parse_config("").registry.max_instances == 10_000
+    assert errors_of("registry:\n  max_instances: 0\n") == [
+        "routes.yaml:2: registry.max_instances: must be at least 1, got 0"
+    ]
+
+
 def test_a_snapshot_with_the_etcd_backend_is_ignored_with_a_warning() -> None:
     text = "registry:\n  backend: etcd://127.0.0.1:2379\n  snapshot: state.json\n"
     assert ignored_settings(parse_config(text)) == [

@@ -43,7 +43,15 @@ _T = TypeVar("_T")
 
 _TOP_KEYS = ("listen", "admin", "registry", "proxy", "routes", "services")
 _ADMIN_KEYS = ("listen", "token_env")
-_REGISTRY_KEYS = ("default_ttl", "max_ttl", "snapshot", "backend")
+_REGISTRY_KEYS = (
+    "default_ttl",
+    "max_ttl",
+    "snapshot",
+    "backend",
+    "allow_loopback",
+    "max_instances",
+    "max_instances_per_service",
+)
 _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
 _SERVICE_KEYS = ("instances", "health_check", "outlier")
@@ -287,7 +295,17 @@ def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
     if snapshot is not None and base_dir is not None:
         snapshot = base_dir / snapshot
     backend = s.get("backend", RegistryConfig.backend, _backend)
-    return RegistryConfig(default_ttl, max_ttl, snapshot, backend)
+    return RegistryConfig(
+        default_ttl,
+        max_ttl,
+        snapshot,
+        backend,
+        allow_loopback=s.flag("allow_loopback", False),
+        max_instances=s.integer("max_instances", RegistryConfig.max_instances, 1),
+        max_instances_per_service=s.integer(
+            "max_instances_per_service", RegistryConfig.max_instances_per_service, 1
+        ),
+    )
 
 
 def _proxy(s: _Section) -> ProxySettings:

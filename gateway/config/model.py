@@ -89,6 +89,9 @@ class RegistryConfig:
     max_ttl: float = 3600.0
     snapshot: Path | None = None
     backend: str = "memory"
+    allow_loopback: bool = False  # loopback registrations with the admin off loopback
+    max_instances: int = 10_000
+    max_instances_per_service: int = 1_000
 
 
 @dataclass(frozen=True)

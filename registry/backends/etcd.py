@@ -145,6 +145,8 @@ class EtcdBackend(RegistryBackend):
         valid = self.store.validate_registration(service, body)
         instance_id = valid["id"]
         existing = self._local(service, instance_id)
+        if existing is None:
+            self.store.check_room(service, instance_id)
         now = self.store.clock()
         fields = {
             **valid,

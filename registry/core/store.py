@@ -28,6 +28,7 @@ from registry.core.models import (
     validate_ttl,
     validate_weight,
 )
+from registry.core.policy import AddressPolicy
 
 Clock = Callable[[], float]
 # (event, service, instance); event is one of EVENTS
@@ -128,6 +129,9 @@ class Registry:
         self._lease_entry: dict[tuple[str, str], tuple[float, int]] = {}  # its one valid entry
         self._entries = 0
         self._remote: set[tuple[str, str]] = set()  # instances other processes have requests on
+        self.count = 0  # instances held, static ones included
+        # Addresses registrations may name, and the caps (set by the gateway; None: any).
+        self.policy: AddressPolicy | None = None
 
     # -- observation -------------------------------------------------------
 
@@ -171,6 +175,7 @@ class Registry:
                 last_heartbeat=now,
             )
             service.instances[instance_id] = instance
+            self.count += 1
             service.track(instance)
             self._changed(service)
             self._emit("registered", instance)
@@ -183,6 +188,8 @@ class Registry:
         validate_service_name(name)
         host = validate_host(body.get("host"))
         port = validate_port(body.get("port"))
+        if self.policy is not None:
+            self.policy.check(host, port)
         return {
             "id": validate_id(body["id"]) if "id" in body else format_address(host, port),
             "host": host,
@@ -210,10 +217,12 @@ class Registry:
             self._remove(service, existing, "evicted")
             existing = None
         if existing is None:
+            self.check_room(name, instance_id)
             instance = Instance(
                 service=name, id=instance_id, host=host, port=port, registered_at=now
             )
             service.instances[instance_id] = instance
+            self.count += 1
         else:
             # Updated in place: requests in flight hold this object and count on it.
             instance = existing
@@ -229,6 +238,14 @@ class Registry:
         self._changed(service)
         self._emit("registered", instance)
         return instance, existing is None
+
+    def check_room(self, name: str, instance_id: str) -> None:
+        """Before ``instance_id`` joins ``name``: the policy's caps (TooManyInstances,
+        RegistryFull). An instance already there takes no more room."""
+        service = self._services.get(name)
+        if self.policy is None or (service is not None and instance_id in service.instances):
+            return
+        self.policy.check_room(len(service.instances) if service is not None else 0, self.count)
 
     def renew(self, name: str, instance_id: str) -> Instance:
         instance = self.get(name, instance_id)
@@ -295,6 +312,7 @@ class Registry:
         instance = service.instances.get(fields["id"])
         if instance is None:
             instance = service.instances[fields["id"]] = Instance(service=name, **fields)
+            self.count += 1
         else:
             for key, value in fields.items():
                 setattr(instance, key, value)  # in place: requests in flight hold it
@@ -491,6 +509,7 @@ class Registry:
         if service.instances.get(instance.id) is not instance:
             return
         del service.instances[instance.id]
+        self.count -= 1
         service.untrack(instance.id)
         self._changed(service)
         self._emit(event, instance)
