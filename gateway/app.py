@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -23,6 +24,7 @@ from gateway.control.admin import build_admin_app
 from gateway.control.health import HealthChecker
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.reload import FileWatcher, load_off_loop
+from gateway.control.tls import reload_into, server_context, upstream_context
 from gateway.control.workers import Workers
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.listener import Listener
@@ -118,6 +120,9 @@ class Gateway:
         self.proxy: ProxyContext | None = None
         self.proxy_port = 0
         self.admin_port = 0
+        # The listeners' TLS contexts: made once, their files reloaded into them.
+        self.tls = server_context(config.tls) if config.tls is not None else None
+        self.admin_tls = server_context(config.admin.tls) if config.admin.tls else None
 
     async def start(self) -> None:
         self.proxy = ProxyContext(
@@ -126,6 +131,7 @@ class Gateway:
             self.metrics.stats,
             Outliers(self.registry, outlier_configs(self.config)),
         )
+        self.proxy.pool.ssl = upstream_context(self.config.proxy)
         admin_app = build_admin_app(
             self.proxy, self.backend, self.metrics, self.token, self.readiness
         )
@@ -134,7 +140,7 @@ class Gateway:
             host, port = self.listen
             try:
                 self.proxy_port = await self._listener.start(
-                    host, port, reuse_port=self.workers > 1
+                    host, port, reuse_port=self.workers > 1, tls=self.tls
                 )
             except OSError as exc:
                 self._listener = None
@@ -148,7 +154,9 @@ class Gateway:
             await self._admin.setup()
             host, port = self.admin_listen
             try:
-                await web.TCPSite(self._admin, host, port, backlog=1024).start()
+                await web.TCPSite(
+                    self._admin, host, port, backlog=1024, ssl_context=self.admin_tls
+                ).start()
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -214,10 +222,12 @@ class Gateway:
             log.warning("reload: listen addresses changed in %s; that needs a restart", path)
         if config.registry.backend != self.config.registry.backend:
             log.warning("reload: registry.backend changed in %s; that needs a restart", path)
+        self._reload_tls(config)
         self._apply_services(config, previous=self.config)
         self.config = config
         self.health.configure(_checks(config))
         if self.proxy is not None:
+            self.proxy.pool.ssl = upstream_context(config.proxy)  # for new connections
             self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
         if self._listener is not None:
@@ -227,6 +237,21 @@ class Gateway:
         self.metrics.config_reloads.labels("success").inc()
         log.info("reloaded %s: %d routes", path, len(config.routes))
         return True
+
+    def _reload_tls(self, config: Config) -> None:
+        """Certificate files read again, into the running listeners' contexts: connections
+        stay, new handshakes get the new certificate. Turning TLS on or off needs a restart."""
+        for name, context, tls in (
+            ("tls", self.tls, config.tls),
+            ("admin.tls", self.admin_tls, config.admin.tls),
+        ):
+            if (context is None) != (tls is None):
+                log.warning("reload: %s added or removed; that needs a restart", name)
+            elif context is not None and tls is not None:
+                try:
+                    reload_into(context, tls)
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("reload: %s: the certificate stays as it was: %s", name, exc)
 
     async def _shutdown(self, listener: Listener | None) -> None:
         if listener is not None:
@@ -273,6 +298,10 @@ async def serve(gateway: Gateway) -> None:
         len(gateway.config.routes),
         data_plane_build(),
     )
+    if gateway.tls is not None:
+        log.info(
+            "proxy listener speaks TLS (%s)", gateway.config.tls.cert if gateway.config.tls else ""
+        )
     gc.collect()
     gc.freeze()  # start-up objects never need scanning again; shorter GC pauses
     # Each request allocates a handful of objects that die young; collecting the young

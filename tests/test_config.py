@@ -260,7 +260,7 @@ def test_registry_backend(backend: str, ok: bool) -> None:
         pytest.param(
             "listen: :80\ncolour: blue\n",
             "routes.yaml:2: unknown key 'colour' "
-            "(known keys: listen, admin, registry, proxy, routes, services)",
+            "(known keys: listen, tls, admin, registry, proxy, routes, services)",
             id="unknown-key-without-suggestion",
         ),
         pytest.param(

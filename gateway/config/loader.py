@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from gateway.config.model import (
     RegistryConfig,
     RouteConfig,
     ServiceConfig,
+    TlsConfig,
     parse_listen,
     parse_port,
 )
@@ -41,8 +43,9 @@ from registry.core.units import parse_duration, parse_size
 _T = TypeVar("_T")
 
 
-_TOP_KEYS = ("listen", "admin", "registry", "proxy", "routes", "services")
-_ADMIN_KEYS = ("listen", "token_env")
+_TOP_KEYS = ("listen", "tls", "admin", "registry", "proxy", "routes", "services")
+_ADMIN_KEYS = ("listen", "token_env", "tls")
+_TLS_KEYS = ("cert", "key")
 _REGISTRY_KEYS = (
     "default_ttl",
     "max_ttl",
@@ -95,11 +98,14 @@ def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None
         raise ConfigError([f"{filename}:1: invalid YAML: {exc}"]) from None
     reader = _Reader(filename)
     top = reader.section(root, "", _TOP_KEYS)
-    proxy = _proxy(reader.section(top.node("proxy"), "proxy", _PROXY_KEYS))
+    proxy = _proxy(reader.section(top.node("proxy"), "proxy", _PROXY_KEYS), base_dir)
+    admin = reader.section(top.node("admin"), "admin", _ADMIN_KEYS)
+    admin_tls = _tls(reader.section(admin.node("tls"), "admin.tls", _TLS_KEYS), base_dir)
     config = Config(
         path=None,
         listen=top.get("listen", Config.listen, parse_listen),
-        admin=_admin(reader.section(top.node("admin"), "admin", _ADMIN_KEYS)),
+        tls=_tls(reader.section(top.node("tls"), "tls", _TLS_KEYS), base_dir),
+        admin=_admin(admin, admin_tls),
         registry=_registry(
             reader.section(top.node("registry"), "registry", _REGISTRY_KEYS), base_dir
         ),
@@ -274,11 +280,44 @@ class _Section:
             self.reader.error(self.mapping, self.where, f"missing key {key!r}")
 
 
-def _admin(s: _Section) -> AdminConfig:
+def _admin(s: _Section, tls: TlsConfig | None) -> AdminConfig:
     return AdminConfig(
         listen=s.get("listen", AdminConfig.listen, parse_listen),
         token_env=s.get("token_env", None, _env_name),
+        tls=tls,
     )
+
+
+def _tls(s: _Section, base_dir: Path | None) -> TlsConfig | None:
+    """``{cert, key}``: both files, relative to the config's folder; loaded once here so
+    that a wrong pair is a config error (at check, start and reload), not a failed start."""
+    if s.mapping is None:
+        return None
+    cert = s.get("cert", None, _file_path)
+    key = s.get("key", None, _file_path)
+    for name, value in (("cert", cert), ("key", key)):
+        if value is None and s.node(name) is None:
+            s.error(None, f"{name} is missing (tls needs cert and key, PEM files)")
+    if cert is None or key is None:
+        return None
+    if base_dir is not None:
+        cert, key = base_dir / cert, base_dir / key
+    missing = [(name, path) for name, path in (("cert", cert), ("key", key)) if not path.is_file()]
+    for name, path in missing:
+        s.error(name, f"no file {path}")
+    if missing:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        s.error(None, f"cannot load the certificate and key: {_ssl_reason(exc)}")
+        return None
+    return TlsConfig(cert, key)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return str(reason).lower().replace("_", " ")
 
 
 def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
@@ -308,9 +347,18 @@ def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
     )
 
 
-def _proxy(s: _Section) -> ProxySettings:
+def _proxy(s: _Section, base_dir: Path | None) -> ProxySettings:
     d = ProxySettings()
+    ca = s.get("upstream_ca", None, _file_path)
+    if ca is not None:
+        ca = base_dir / ca if base_dir is not None else ca
+        try:
+            ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            s.error("upstream_ca", f"cannot load CA certificates from {ca}: {_ssl_reason(exc)}")
     return ProxySettings(
+        upstream_ca=ca,
+        upstream_tls_verify=s.flag("upstream_tls_verify", True),
         connect_timeout=s.duration("connect_timeout", d.connect_timeout),
         timeout=s.duration("timeout", d.timeout),
         retries=s.integer("retries", d.retries, 0),

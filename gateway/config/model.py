@@ -57,6 +57,8 @@ class ProxySettings:
     body_timeout: float = 60.0  # between two reads of a client's request body
     send_timeout: float = 60.0  # a client that accepts no bytes of its answer for this long
     max_connections: int = 10000
+    upstream_ca: Path | None = None  # CA file for https instances; None: the system's
+    upstream_tls_verify: bool = True  # false: https instances are not verified at all
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,18 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """A certificate chain and its key (PEM files), for a listener that terminates TLS."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8081)
     token_env: str | None = None
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ class RegistryConfig:
 class Config:
     path: Path | None
     listen: tuple[str, int] = ("0.0.0.0", 8080)
+    tls: TlsConfig | None = None  # the proxy listener terminates TLS
     admin: AdminConfig = AdminConfig()
     registry: RegistryConfig = RegistryConfig()
     proxy: ProxySettings = ProxySettings()

@@ -13,11 +13,13 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 
 from gateway.config.model import Config, ConfigError
 from gateway.control.reload import FileWatcher, load_off_loop
+from gateway.control.tls import reload_into, server_context, upstream_context
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.listener import Listener
 from gateway.dataplane.outliers import Outliers, outlier_configs
@@ -108,8 +110,10 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
     if not ready.is_set():
         log.error("worker: no registry from the primary; exiting")
         return
+    proxy.pool.ssl = upstream_context(config.proxy)
+    tls = server_context(config.tls) if config.tls is not None else None
     listener = Listener(proxy, config.proxy)
-    await listener.start(listen[0], listen[1], reuse_port=True)
+    await listener.start(listen[0], listen[1], reuse_port=True, tls=tls)
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -124,6 +128,10 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         proxy.table = table
         proxy.outliers.configs = outlier_configs(fresh)
         listener.settings = fresh.proxy
+        proxy.pool.ssl = upstream_context(fresh.proxy)
+        if tls is not None and fresh.tls is not None:
+            with contextlib.suppress(OSError, ssl.SSLError):  # the primary logs it
+                reload_into(tls, fresh.tls)
 
     watcher = None
     if config.path is not None:

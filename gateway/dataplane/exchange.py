@@ -325,6 +325,7 @@ class Exchange:
                 host_override=host,
                 forwarded_prefix=route.prefix_bytes if route.strip_prefix else None,
                 upgrade=self.upgrade,
+                proto=self.client.proto,
             ),
             self.no_body,
         )

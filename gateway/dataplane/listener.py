@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from typing import Any, Final, cast
 
@@ -79,6 +80,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.proxy = listener.proxy
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b""
+        self.proto = listener.proto  # what X-Forwarded-Proto says
         # It holds bound methods of this connection (a cycle): connection_lost swaps it.
         self.parser = httptools.HttpRequestParser(self)
         self.head: RequestHead | None = None
@@ -441,6 +443,7 @@ class Listener:
         self.proxy = proxy
         self.settings = settings
         self.connections: set[ClientConnection] = set()
+        self.proto = b"http"  # b"https" once start() is given a TLS context
         self.server: Any = None  # uvloop's: its sockets are a list, not the typeshed tuple
         self._ticker: asyncio.TimerHandle | None = None
         self._ticks = 0
@@ -450,8 +453,12 @@ class Listener:
         # once a second), and cheaper than asking the loop on every request.
         self.now = proxy.loop.time()
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+    ) -> int:
+        """Listen; with ``tls``, clients speak TLS (the context can be reloaded in place)."""
         loop = self.proxy.loop
+        self.proto = b"https" if tls is not None else b"http"
         self.server = await loop.create_server(
             lambda: cast(Any, ClientConnection(self)),  # a Protocol by duck typing
             host,
@@ -459,6 +466,8 @@ class Listener:
             backlog=4096,
             reuse_port=reuse_port,
             family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
+            ssl=tls,
+            ssl_handshake_timeout=self.settings.header_timeout if tls is not None else None,
         )
         self._ticker = loop.call_later(TICK, self._tick)
         return int(self.server.sockets[0].getsockname()[1])

@@ -179,7 +179,9 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self._parser = httptools.HttpResponseParser(self)
         self.state = IDLE
         sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None else -1
+        # alive() peeks at the socket: only where the bytes on it are the HTTP ones.
+        tls = transport.get_extra_info("sslcontext") is not None
+        self._fd = sock.fileno() if sock is not None and not tls else -1
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -288,7 +290,7 @@ class ConnectionPool:
     def __init__(self, keepalive: float = 4.0) -> None:
         self.keepalive = keepalive
         self._idle: dict[Key, list[UpstreamConnection]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self.ssl: ssl.SSLContext | None = None  # for https instances (control.tls makes it)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def acquire(self, key: Key, check: bool) -> UpstreamConnection | None:
@@ -329,9 +331,9 @@ class ConnectionPool:
         key = (instance.scheme, instance.host, instance.port)
         ssl_context = None
         if instance.scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            ssl_context = self._ssl
+            if self.ssl is None:
+                self.ssl = ssl.create_default_context()
+            ssl_context = self.ssl
         async with asyncio.timeout(timeout):
             _, protocol = await loop.create_connection(
                 lambda: cast(Any, UpstreamConnection(self, key)),  # a Protocol by duck typing

@@ -217,6 +217,7 @@ class RequestHead:
         host_override: bytes | None = None,
         forwarded_prefix: bytes | None = None,
         upgrade: bytes | None = None,
+        proto: bytes = b"http",
     ) -> bytes:
         """The request head to send upstream: kept headers plus the gateway's own;
         ``upgrade`` for a WebSocket handshake the gateway tunnels."""
@@ -242,6 +243,7 @@ class RequestHead:
             lines,
             forwarded_for,
             client_ip,
+            proto,
             b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
             request_id,
             extra,
@@ -250,7 +252,7 @@ class RequestHead:
 
 # Host and X-Forwarded-Host come as whole lines (absent for an HTTP/1.0 request without Host).
 _UPSTREAM_HEAD: Final = (
-    b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n"
+    b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
     b"%bX-Request-ID: %b\r\n%b\r\n"
 )
 
