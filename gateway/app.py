@@ -21,6 +21,7 @@ from gateway import data_plane_build
 from gateway.config.describe import ignored_settings
 from gateway.config.model import Config, ConfigError, HealthCheckConfig
 from gateway.control.admin import build_admin_app
+from gateway.control.auth import tokens_from
 from gateway.control.health import HealthChecker
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.reload import FileWatcher, load_off_loop
@@ -53,13 +54,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def admin_token(config: Config) -> str | None:
-    """The admin bearer token, from the variable ``admin.token_env`` names."""
-    if config.admin.token_env is None:
-        return None
-    return os.environ.get(config.admin.token_env) or None
 
 
 def _checks(config: Config) -> dict[str, HealthCheckConfig]:
@@ -96,14 +90,23 @@ class Gateway:
         self.listen = listen or config.listen
         self.admin_listen = admin_listen or config.admin.listen
         self.shutdown_grace = shutdown_grace
-        self.token = admin_token(config)
-        if not _is_loopback(self.admin_listen[0]) and not self.token:
-            variable = config.admin.token_env or "GATEWAY_ADMIN_TOKEN"
+        self.tokens, warnings = tokens_from(config.admin, os.environ)
+        for warning in warnings:
+            log.warning("%s", warning)
+        if not _is_loopback(self.admin_listen[0]) and not self.tokens:
+            where = f"{self.admin_listen[0]}:{self.admin_listen[1]}"
+            variables = [v for v in [config.admin.token_env] if v] + [
+                t.token_env for t in config.admin.tokens
+            ]
+            fix = (
+                f"export {' or '.join(variables)}=<secret>"
+                if variables
+                else f"set admin.token_env in {config.path or 'routes.yaml'} and export "
+                "the variable it names"
+            )
             raise StartupError(
-                f"admin listener {self.admin_listen[0]}:{self.admin_listen[1]} is not on "
-                f"loopback and no admin token is set: export {variable}=<secret> "
-                f"(named by admin.token_env in {config.path or 'routes.yaml'}) "
-                "or listen on 127.0.0.1"
+                f"admin listener {where} is not on loopback and no admin token is set: "
+                f"{fix}, or listen on 127.0.0.1"
             )
         self.registry = Registry(
             clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
@@ -133,7 +136,7 @@ class Gateway:
         )
         self.proxy.pool.ssl = upstream_context(self.config.proxy)
         admin_app = build_admin_app(
-            self.proxy, self.backend, self.metrics, self.token, self.readiness
+            self.proxy, self.backend, self.metrics, self.tokens, self.readiness
         )
         try:
             self._listener = Listener(self.proxy, self.config.proxy)

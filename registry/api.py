@@ -18,6 +18,7 @@ from registry.core.models import Instance, validate_service_name
 from registry.core.units import parse_duration
 
 BACKEND = web.AppKey("registry_backend", RegistryBackend)
+INSTANCE_ID = web.RequestKey("registry_instance_id", str)  # a registration's id, for the audit
 
 MAX_BODY = 64 * 1024
 MAX_WAIT = 300.0
@@ -71,6 +72,7 @@ async def register(request: web.Request) -> web.Response:
     name = _service_name(request)
     body = await _read_body(request)
     instance, created = await backend.register(name, body)
+    request[INSTANCE_ID] = instance.id
     return _json(_registration(instance, backend.store.default_ttl), status=201 if created else 200)
 
 

@@ -3,6 +3,8 @@ many it may hold. Through the real admin API of a running gateway."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -95,3 +97,85 @@ routes:
         assert response.status == 503
         assert response.headers["Retry-After"] == "5"
         assert (await response.json())["error"]["code"] == "registry_full"
+
+
+TOKENS = """
+admin:
+  tokens:
+    - {name: billing-deployer, token_env: T_BILLING, services: ["billing-*"]}
+    - {name: dashboard, token_env: T_READ, role: read}
+    - {name: unset, token_env: T_NOT_SET}
+routes:
+  - prefix: /
+    service: billing-api
+"""
+
+
+async def call(
+    gw: RunningGateway, method: str, path: str, token: str | None, body: Any = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{gw.admin_url}/registry/services{path}"
+    async with gw.session.request(method, url, json=body, headers=headers) as response:
+        return response.status, (await response.json() if response.status != 204 else {})
+
+
+async def test_scoped_tokens_and_the_audit_log(
+    gateway_factory: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("T_BILLING", "b-secret")
+    monkeypatch.setenv("T_READ", "r-secret")
+    monkeypatch.delenv("T_NOT_SET", raising=False)
+    caplog.set_level(logging.WARNING, logger="gateway")
+    caplog.set_level(logging.INFO, logger="gateway.audit")  # last: it sets the handler's level
+    gw = await gateway_factory(TOKENS)
+    assert "admin token 'unset' is off: T_NOT_SET is not set" in caplog.text
+    body = {"host": "10.0.0.1", "port": 80}
+    status, answer = await call(gw, "POST", "/billing-api/instances", "b-secret", body)
+    assert status == 201
+    status, answer = await call(gw, "POST", "/users/instances", "b-secret", body)
+    assert (status, answer["error"]["code"]) == (403, "forbidden")
+    assert answer["error"]["message"] == (
+        "token 'billing-deployer' may not change service 'users' (it may change: billing-*)"
+    )
+    status, answer = await call(gw, "DELETE", "/billing-api/instances/10.0.0.1:80", "r-secret")
+    assert (status, answer["error"]["code"]) == (403, "forbidden")
+    assert "may only read" in answer["error"]["message"]
+    assert (await call(gw, "GET", "/billing-api", "r-secret"))[0] == 200  # reading is open
+    for wrong in (None, "nope", "b-secret "[:-2]):
+        status, answer = await call(gw, "GET", "", wrong)
+        assert (status, answer["error"]["code"]) == (401, "unauthorized")
+    status, _ = await call(gw, "PUT", "/billing-api/instances/10.0.0.1:80/heartbeat", "b-secret")
+    assert status == 200
+    status, _ = await call(gw, "DELETE", "/billing-api/instances/10.0.0.1:80", "b-secret")
+    assert status == 204
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.audit"]
+    assert [(a["token"], a["method"], a["service"], a["instance"], a["status"]) for a in lines] == [
+        ("billing-deployer", "POST", "billing-api", "10.0.0.1:80", 201),
+        ("billing-deployer", "POST", "users", None, 403),
+        ("dashboard", "DELETE", "billing-api", "10.0.0.1:80", 403),
+        ("billing-deployer", "DELETE", "billing-api", "10.0.0.1:80", 204),
+    ]  # heartbeats and reads are not changes: not audited
+    assert all(a["client"] == "127.0.0.1" and a["time"].endswith("Z") for a in lines)
+
+
+def test_tokens_config_mistakes_name_their_lines() -> None:
+    from gateway.config.model import ConfigError
+
+    text = """admin:
+  tokens:
+    - {name: a, token_env: A, role: admin}
+    - {name: a, token_env: B, services: ["Bad Name"]}
+    - {token_env: C}
+"""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text)
+    assert refused.value.errors == [
+        "routes.yaml:3: admin.tokens[0].role: must be write or read, got 'admin'",
+        "routes.yaml:4: admin.tokens[1].name: duplicate token name 'a'",
+        "routes.yaml:4: admin.tokens[1].services[0]: a service name or glob like billing-*, "
+        "got 'Bad Name'",
+        "routes.yaml:5: admin.tokens[2]: missing key 'name'",
+    ]

@@ -33,6 +33,7 @@ from gateway.config.model import (
     RouteConfig,
     ServiceConfig,
     TlsConfig,
+    TokenConfig,
     parse_listen,
     parse_port,
 )
@@ -44,7 +45,8 @@ _T = TypeVar("_T")
 
 
 _TOP_KEYS = ("listen", "tls", "admin", "registry", "proxy", "routes", "services")
-_ADMIN_KEYS = ("listen", "token_env", "tls")
+_ADMIN_KEYS = ("listen", "token_env", "tls", "tokens")
+_TOKEN_KEYS = ("name", "token_env", "services", "role")
 _TLS_KEYS = ("cert", "key")
 _REGISTRY_KEYS = (
     "default_ttl",
@@ -101,11 +103,12 @@ def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None
     proxy = _proxy(reader.section(top.node("proxy"), "proxy", _PROXY_KEYS), base_dir)
     admin = reader.section(top.node("admin"), "admin", _ADMIN_KEYS)
     admin_tls = _tls(reader.section(admin.node("tls"), "admin.tls", _TLS_KEYS), base_dir)
+    tokens = _tokens(reader, admin.node("tokens"))
     config = Config(
         path=None,
         listen=top.get("listen", Config.listen, parse_listen),
         tls=_tls(reader.section(top.node("tls"), "tls", _TLS_KEYS), base_dir),
-        admin=_admin(admin, admin_tls),
+        admin=_admin(admin, admin_tls, tokens),
         registry=_registry(
             reader.section(top.node("registry"), "registry", _REGISTRY_KEYS), base_dir
         ),
@@ -280,12 +283,60 @@ class _Section:
             self.reader.error(self.mapping, self.where, f"missing key {key!r}")
 
 
-def _admin(s: _Section, tls: TlsConfig | None) -> AdminConfig:
+def _admin(s: _Section, tls: TlsConfig | None, tokens: tuple[TokenConfig, ...]) -> AdminConfig:
     return AdminConfig(
         listen=s.get("listen", AdminConfig.listen, parse_listen),
         token_env=s.get("token_env", None, _env_name),
         tls=tls,
+        tokens=tokens,
     )
+
+
+def _tokens(reader: _Reader, node: Node | None) -> tuple[TokenConfig, ...]:
+    tokens: list[TokenConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(reader.items(node, "admin.tokens")):
+        s = reader.section(item, f"admin.tokens[{index}]", _TOKEN_KEYS)
+        if s.mapping is None:
+            reader.error(item, f"admin.tokens[{index}]", "expected {name, token_env, ...}")
+            continue
+        s.require("name")
+        s.require("token_env")
+        name = s.get("name", "", _token_name)
+        if name in names:
+            s.error("name", f"duplicate token name {name!r}")
+        names.add(name)
+        services = tuple(
+            reader.convert(glob, f"{s.path('services')}[{i}]", "", _service_glob)
+            for i, glob in enumerate(reader.items(s.node("services"), s.path("services")))
+        )
+        role = s.get("role", "write", _role)
+        env = s.get("token_env", "", _env_name)
+        if name and env:
+            tokens.append(TokenConfig(name, env, services or ("*",), role))
+    return tuple(tokens)
+
+
+_TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_GLOB_RE = re.compile(r"[a-z0-9._*?\[\]!-]{1,64}")
+
+
+def _token_name(value: str) -> str:
+    if not _TOKEN_NAME_RE.fullmatch(value):
+        raise ValueError(f"must match {_TOKEN_NAME_RE.pattern}, got {value!r}")
+    return value
+
+
+def _service_glob(value: str) -> str:
+    if not _GLOB_RE.fullmatch(value):
+        raise ValueError(f"a service name or glob like billing-*, got {value!r}")
+    return value
+
+
+def _role(value: str) -> str:
+    if value not in ("write", "read"):
+        raise ValueError(f"must be write or read, got {value!r}")
+    return value
 
 
 def _tls(s: _Section, base_dir: Path | None) -> TlsConfig | None:

@@ -88,10 +88,21 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class TokenConfig:
+    """A scoped admin token: its secret comes from the variable ``token_env`` names."""
+
+    name: str
+    token_env: str
+    services: tuple[str, ...] = ("*",)  # globs of the services it may change
+    role: str = "write"  # or "read": GET only
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8081)
-    token_env: str | None = None
+    token_env: str | None = None  # one token with every right (named "admin")
     tls: TlsConfig | None = None
+    tokens: tuple[TokenConfig, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.control.auth import READS, Token, audit_line, check, identify
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.status import render
 from gateway.dataplane.context import ProxyContext
@@ -21,7 +22,9 @@ from registry.core.errors import ApiError, UnknownService
 
 PROXY = web.AppKey("proxy", ProxyContext)
 METRICS = web.AppKey("metrics", GatewayMetrics)
-TOKEN = web.AppKey("token", str)
+TOKENS = web.AppKey("tokens", list)
+
+audit = logging.getLogger("gateway.audit")
 READINESS = web.AppKey("readiness", dict)  # {"reason": str} when degraded
 ROUTE_JSON = web.AppKey("route_json", dict)  # the table last listed, its routes encoded
 
@@ -59,17 +62,34 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 @web.middleware
 async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app.get(TOKEN)
-    if token and (request.path == "/registry" or request.path.startswith("/registry/")):
-        sent = request.headers.get("Authorization", "")
-        scheme, _, value = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            raise ApiError(
-                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
-            )
-    return await handler(request)
+    """With tokens configured, every /registry call needs one that may make it; every
+    call that changes something (heartbeats aside) leaves a line in the audit log."""
+    if not (request.path == "/registry" or request.path.startswith("/registry/")):
+        return await handler(request)
+    tokens = request.app[TOKENS]
+    service = request.match_info.get("service")
+    name = None
+    try:
+        if tokens:
+            token = identify(tokens, request.headers.get("Authorization", ""))
+            name = token.name
+            check(token, request.method, service)
+        response = await handler(request)
+    except ApiError as error:
+        _audit(request, name, service, error.status)
+        raise
+    _audit(request, name, service, response.status)
+    return response
+
+
+def _audit(request: web.Request, token: str | None, service: str | None, status: int) -> None:
+    if request.method in READS or (request.path.endswith("/heartbeat") and status == 200):
+        return
+    instance = request.match_info.get("id") or request.get(registry_api.INSTANCE_ID)
+    audit.info(
+        "%s",
+        audit_line(token, request.remote, request.method, request.path, service, instance, status),
+    )
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -171,7 +191,7 @@ def build_admin_app(
     proxy: ProxyContext,
     backend: RegistryBackend,
     gateway_metrics: GatewayMetrics,
-    token: str | None,
+    tokens: list[Token],
     readiness: dict[str, str],
 ) -> web.Application:
     app = web.Application(
@@ -183,8 +203,7 @@ def build_admin_app(
     app[registry_api.BACKEND] = backend
     app[READINESS] = readiness
     app[ROUTE_JSON] = {}
-    if token:
-        app[TOKEN] = token
+    app[TOKENS] = tokens
     app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
