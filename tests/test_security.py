@@ -3,6 +3,8 @@ many it may hold. Through the real admin API of a running gateway."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,7 +15,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config.loader import parse_config
-from tests.conftest import RunningGateway
+from tests.conftest import RawServer, RunningGateway
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
@@ -179,3 +181,51 @@ def test_tokens_config_mistakes_name_their_lines() -> None:
         "got 'Bad Name'",
         "routes.yaml:5: admin.tokens[2]: missing key 'name'",
     ]
+
+
+class Malicious(RawServer):
+    """An upstream whose answer is not valid HTTP/1.1 framing, in one of the ways a
+    response-splitting or desync attack would need."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the gateway closes the connection
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Split: a\rSet-Cookie: evil=1\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX-Split: a\nSet-Cookie: evil=1\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nX-Null: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["two-lengths", "length-and-chunked", "bare-cr", "bare-lf", "nul", "negative", "bad-chunk"],
+)
+async def test_a_malicious_upstream_answer_is_a_502_never_passed_on(
+    gateway_factory: GatewayFactory, answer: bytes
+) -> None:
+    upstream = Malicious(answer)
+    port = await upstream.start()
+    try:
+        gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n    retries: 0\n")
+        status, _ = await post(gw, {"host": "127.0.0.1", "port": port})
+        assert status == 201
+        async with gw.session.get(gw.proxy_url + "/x") as response:
+            body = await response.read()
+            assert response.status == 502, body
+            assert "Set-Cookie" not in response.headers and "X-Split" not in response.headers
+        assert json.loads(body)["error"]["code"] == "upstream_protocol_error"
+        assert b"hello" not in body
+    finally:
+        await upstream.stop()

@@ -524,6 +524,15 @@ class Exchange:
         if phase == TUNNEL:  # the upstream ended the tunnel: so does the client connection
             self._end(self.status, ANSWERED)
             return
+        if phase == RESPONDING and self.pending is not None:
+            # The head is still held back: the client has seen nothing of this answer, so
+            # it is a failed attempt like any other (502 or a retry), not a cut answer.
+            self.pending = None
+            self.phase = ATTEMPT
+            self.client_chunked = self.eof_body = self.upstream_keep_alive = False
+            self.status = 0
+            self._attempt_failed(error, reason)
+            return
         if phase == RESPONDING:
             # Headers went out already: abort, so the client sees a truncated body,
             # never a short one finished cleanly.
