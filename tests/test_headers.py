@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.dataplane.wire import (
@@ -77,14 +79,14 @@ def upstream_raw(
     method: bytes = b"GET",
     target: bytes = b"/",
     request_id: bytes = b"req-1",
-    **kw: bytes | None,
+    **kw: Any,
 ) -> bytes:
     return request(headers).upstream_head(
         method, target, client_ip=CLIENT_IP, request_id=request_id, **kw
     )
 
 
-def upstream(headers: Headers, **kw: bytes | None) -> Headers:
+def upstream(headers: Headers, **kw: Any) -> Headers:
     return parse(upstream_raw(headers, **kw))[1]
 
 
@@ -386,9 +388,56 @@ def test_other_headers_keep_their_order_repeats_and_spelling() -> None:
         ),
     ],
 )
-def test_x_forwarded_for_gets_the_client_appended(given: Headers, expected: bytes) -> None:
-    out = upstream([(b"Host", b"example.com"), *given])
+def test_x_forwarded_for_from_a_trusted_proxy_gets_the_client_appended(
+    given: Headers, expected: bytes
+) -> None:
+    out = upstream([(b"Host", b"example.com"), *given], trusted=True)
     assert values(out, b"X-Forwarded-For") == [expected]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        [(b"X-Forwarded-For", b"203.0.113.1")],
+        [(b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-Host", b"evil")],
+        [(b"Forwarded", b"for=10.9.9.9;proto=https")],
+    ],
+)
+def test_forwarding_headers_of_an_untrusted_peer_are_replaced(given: Headers) -> None:
+    out = upstream([(b"Host", b"example.com"), *given])
+    assert values(out, b"X-Forwarded-For") == [CLIENT_IP]
+    assert values(out, b"X-Forwarded-Proto") == [b"http"]
+    assert values(out, b"X-Forwarded-Host") == [b"example.com"]
+    sent_forwarded = any(name.lower() == b"forwarded" for name, _ in given)
+    assert values(out, b"Forwarded") == (
+        [b"for=" + CLIENT_IP + b";proto=http;host=example.com"] if sent_forwarded else []
+    )
+
+
+def test_a_trusted_proxys_forwarding_headers_go_on_with_this_hop() -> None:
+    out = upstream(
+        [
+            (b"Host", b"example.com"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"www.example.com"),
+            (b"Forwarded", b"for=203.0.113.9;proto=https"),
+        ],
+        trusted=True,
+        proto=b"http",
+    )
+    assert values(out, b"X-Forwarded-Proto") == [b"https"]  # what the client spoke to it
+    assert values(out, b"X-Forwarded-Host") == [b"www.example.com"]
+    assert values(out, b"Forwarded") == [
+        b"for=203.0.113.9;proto=https, for=" + CLIENT_IP + b";proto=http;host=example.com"
+    ]
+    assert values(out, b"Via") == [b"1.1 gateway"]
+
+
+def test_an_ipv6_client_is_quoted_in_forwarded() -> None:
+    head = request([(b"Host", b"h"), (b"Forwarded", b"for=x")]).upstream_head(
+        b"GET", b"/", client_ip=b"2001:db8::1", request_id=b"r"
+    )
+    assert values(parse(head)[1], b"Forwarded") == [b'for="[2001:db8::1]";proto=http;host=h']
 
 
 @pytest.mark.parametrize("given", [[], [(b"X-Forwarded-Proto", b"gopher")]])
@@ -501,6 +550,7 @@ def test_client_head_of_a_simple_200() -> None:
         b"HTTP/1.1 200 OK\r\n"
         b"Content-Type: text/plain\r\n"
         b"Content-Length: 2\r\n"
+        b"Via: 1.1 gateway\r\n"
         b"X-Request-ID: req-1\r\n"
         b"Connection: close\r\n"
         b"\r\n"

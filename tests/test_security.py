@@ -229,3 +229,44 @@ async def test_a_malicious_upstream_answer_is_a_502_never_passed_on(
         assert b"hello" not in body
     finally:
         await upstream.stop()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_forwarding_headers_depend_on_trusted_proxies(
+    gateway_factory: GatewayFactory, upstreams: Any, trusted: bool
+) -> None:
+    text = "routes:\n  - prefix: /\n    service: web\n"
+    if trusted:
+        text += "proxy:\n  trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\n"
+    gw = await gateway_factory(text)
+    await gw.register("web", await upstreams("web"))
+    sent = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
+            "Forwarded": "for=203.0.113.7;proto=https", "Via": "1.1 edge"}  # fmt: skip
+    async with gw.session.get(gw.proxy_url + "/x", headers=sent) as response:
+        assert response.status == 200
+        assert response.headers.getall("Via") == ["1.1 gateway"]
+        pairs = (await response.json())["headers"]
+    got = dict(pairs)
+    if trusted:  # the proxy in front is believed, and this hop added
+        assert got["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+        assert got["X-Forwarded-Proto"] == "https"
+        assert got["Forwarded"] == "for=203.0.113.7;proto=https, for=127.0.0.1;proto=http;host=" + (
+            gw.proxy_url.removeprefix("http://")
+        )
+    else:  # a client's claims about itself are replaced
+        assert got["X-Forwarded-For"] == "127.0.0.1"
+        assert got["X-Forwarded-Proto"] == "http"
+        assert got["Forwarded"].startswith("for=127.0.0.1;proto=http")
+    # The client's Via goes on, and the gateway's after it.
+    assert [value for name, value in pairs if name == "Via"] == ["1.1 edge", "1.1 gateway"]
+
+
+def test_trusted_proxies_must_be_addresses_or_cidrs() -> None:
+    from gateway.config.model import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config("proxy:\n  trusted_proxies: [10.0.0.0/8, everyone]\n")
+    assert refused.value.errors == [
+        "routes.yaml:2: proxy.trusted_proxies[1]: not an IP address or CIDR "
+        "(like 10.0.0.0/8): 'everyone'"
+    ]

@@ -9,6 +9,7 @@ as an absent key.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import ssl
@@ -407,7 +408,14 @@ def _proxy(s: _Section, base_dir: Path | None) -> ProxySettings:
             ssl.create_default_context(cafile=ca)
         except (OSError, ssl.SSLError) as exc:
             s.error("upstream_ca", f"cannot load CA certificates from {ca}: {_ssl_reason(exc)}")
+    trusted = tuple(
+        s.reader.convert(item, f"{s.path('trusted_proxies')}[{i}]", "", _cidr)
+        for i, item in enumerate(
+            s.reader.items(s.node("trusted_proxies"), s.path("trusted_proxies"))
+        )
+    )
     return ProxySettings(
+        trusted_proxies=tuple(cidr for cidr in trusted if cidr),
         upstream_ca=ca,
         upstream_tls_verify=s.flag("upstream_tls_verify", True),
         connect_timeout=s.duration("connect_timeout", d.connect_timeout),
@@ -546,6 +554,13 @@ def _file_path(value: str) -> Path:
     if not value.strip():
         raise ValueError("must be a file path")
     return Path(value)
+
+
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP address or CIDR (like 10.0.0.0/8): {value!r}") from None
 
 
 def _backend(value: str) -> str:

@@ -59,6 +59,22 @@ class ProxySettings:
     max_connections: int = 10000
     upstream_ca: Path | None = None  # CA file for https instances; None: the system's
     upstream_tls_verify: bool = True  # false: https instances are not verified at all
+    # Peers whose X-Forwarded-* and Forwarded go on (with this hop added); CIDRs.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @cached_property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in self.trusted_proxies)
+
+    def trusts(self, peer: str) -> bool:
+        """Whether ``peer`` (an IP address) is one of trusted_proxies."""
+        if not self.trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_networks)
 
 
 @dataclass(frozen=True)

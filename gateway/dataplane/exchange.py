@@ -326,6 +326,7 @@ class Exchange:
                 forwarded_prefix=route.prefix_bytes if route.strip_prefix else None,
                 upgrade=self.upgrade,
                 proto=self.client.proto,
+                trusted=self.client.trusted,
             ),
             self.no_body,
         )

@@ -81,6 +81,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b""
         self.proto = listener.proto  # what X-Forwarded-Proto says
+        self.trusted = False  # a proxy in front, whose forwarding headers go on
         # It holds bound methods of this connection (a cycle): connection_lost swaps it.
         self.parser = httptools.HttpRequestParser(self)
         self.head: RequestHead | None = None
@@ -108,6 +109,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b""
+        self.trusted = bool(peer) and self.listener.settings.trusts(peer[0])
         listener = self.listener
         if listener.closing:  # accepted just as the listener closed
             transport.close()

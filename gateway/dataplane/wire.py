@@ -37,7 +37,7 @@ HOP_BY_HOP: Final = frozenset(
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header; absent: kept as it is).
-_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _EXPECT, _UPGRADE = range(9)
+_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _EXPECT, _UPGRADE, _CLAIM = range(10)
 _REQUEST_KINDS: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -49,14 +49,16 @@ _REQUEST_KINDS: Final = {
     b"trailer": _DROP,
     b"upgrade": _UPGRADE,
     b"http2-settings": _DROP,  # of an h2c upgrade, which is not tunnelled
-    b"x-forwarded-proto": _DROP,  # set by the gateway
-    b"x-forwarded-host": _DROP,  # set by the gateway
+    # Set by the gateway; a trusted proxy's (proxy.trusted_proxies) go on, the others'
+    # are replaced (upstream_head).
+    b"x-forwarded-proto": _CLAIM,
+    b"x-forwarded-host": _CLAIM,
+    b"forwarded": _CLAIM,
     b"x-forwarded-prefix": _DROP,  # set by the gateway with strip_prefix
     b"x-real-ip": _DROP,  # set by the gateway
     # Claims about the client that nobody here vouches for (see README, Security):
     b"x-forwarded-port": _DROP,
     b"x-forwarded-server": _DROP,
-    b"forwarded": _DROP,
     b"true-client-ip": _DROP,
     b"x-client-ip": _DROP,
     b"x-forwarded-for": _FOR,
@@ -120,6 +122,7 @@ class RequestHead:
     named: set[bytes] | None = None  # headers listed in Connection
     host: bytes | None = None
     forwarded_for: list[bytes] | None = None
+    claims: dict[bytes, bytes] | None = None  # X-Forwarded-Proto/-Host, Forwarded as sent
     request_id: bytes | None = None
     expect_continue = False
     upgrade_to: bytes | None = None  # Upgrade's value
@@ -178,6 +181,13 @@ class RequestHead:
                 self.forwarded_for.append(value.strip())
         elif kind == _ID:
             self.request_id = value
+        elif kind == _CLAIM:
+            claims = self.claims
+            if claims is None:
+                claims = self.claims = {}
+            lower = name.lower()
+            old = claims.get(lower)
+            claims[lower] = value.strip() if old is None else old + b", " + value.strip()
         elif kind == _UPGRADE:
             self.upgrade_to = value
         elif kind == _EXPECT:
@@ -218,16 +228,25 @@ class RequestHead:
         forwarded_prefix: bytes | None = None,
         upgrade: bytes | None = None,
         proto: bytes = b"http",
+        trusted: bool = False,
     ) -> bytes:
         """The request head to send upstream: kept headers plus the gateway's own;
-        ``upgrade`` for a WebSocket handshake the gateway tunnels."""
+        ``upgrade`` for a WebSocket handshake the gateway tunnels. From a ``trusted``
+        peer (a proxy in front), the forwarding headers it sent go on, with this hop
+        added; from anyone else they are replaced."""
         named = self.named or ()
         host = host_override if host_override is not None else self.host
         lines = b"".join(self.lines if self.named is None else self.kept_lines())
         forwarded_for = client_ip
-        if self.forwarded_for and b"x-forwarded-for" not in named:
+        if trusted and self.forwarded_for and b"x-forwarded-for" not in named:
             forwarded_for = b", ".join(self.forwarded_for) + b", " + client_ip
+        forwarded_host = self.host
         extra = b""
+        claims = self.claims
+        if claims is not None:
+            extra, proto, forwarded_host = _claims(
+                claims, trusted, client_ip, proto, self.host, forwarded_host
+            )
         if forwarded_prefix is not None:
             extra += b"X-Forwarded-Prefix: " + forwarded_prefix + b"\r\n"
         if self.chunked:
@@ -244,16 +263,39 @@ class RequestHead:
             forwarded_for,
             client_ip,
             proto,
-            b"" if self.host is None else b"X-Forwarded-Host: " + self.host + b"\r\n",
+            b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
             request_id,
             extra,
         )
 
 
+def _claims(
+    claims: dict[bytes, bytes],
+    trusted: bool,
+    client_ip: bytes,
+    proto: bytes,
+    host: bytes | None,
+    forwarded_host: bytes | None,
+) -> tuple[bytes, bytes, bytes | None]:
+    """What forwarding headers the client sent become: (the Forwarded line, or nothing;
+    X-Forwarded-Proto; X-Forwarded-Host). A trusted proxy's values stand and Forwarded
+    gets this hop appended; an untrusted client's are replaced by the gateway's."""
+    sent = claims.get(b"forwarded")
+    line = b""
+    if sent is not None:  # this hop, as RFC 7239 writes it (by the gateway's own listener)
+        node = b'"[' + client_ip + b']"' if b":" in client_ip else client_ip
+        hop = b"for=" + node + b";proto=" + proto + (b";host=" + host if host is not None else b"")
+        line = b"Forwarded: " + (sent + b", " + hop if trusted else hop) + b"\r\n"
+    if trusted:
+        proto = claims.get(b"x-forwarded-proto", proto)
+        forwarded_host = claims.get(b"x-forwarded-host", forwarded_host)
+    return line, proto, forwarded_host
+
+
 # Host and X-Forwarded-Host come as whole lines (absent for an HTTP/1.0 request without Host).
 _UPSTREAM_HEAD: Final = (
     b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
-    b"%bX-Request-ID: %b\r\n%b\r\n"
+    b"%bVia: 1.1 gateway\r\nX-Request-ID: %b\r\n%b\r\n"
 )
 
 
@@ -337,8 +379,11 @@ class ResponseHead:
     def client_head(self, request_id: bytes, framing: bytes) -> bytes:
         """The response head for the client; ``framing`` is its Transfer-Encoding/Connection."""
         return b"".join(
-            (self.status_line, self.lines, b"X-Request-ID: ", request_id, b"\r\n", framing, b"\r\n")
+            (self.status_line, self.lines, _VIA_ID, request_id, b"\r\n", framing, b"\r\n")
         )
+
+
+_VIA_ID: Final = b"Via: 1.1 gateway\r\nX-Request-ID: "
 
 
 def error_body(code: str, message: str) -> bytes:
