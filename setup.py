@@ -34,6 +34,7 @@ COMPILED = [
     "gateway/dataplane/listener.py",
     "gateway/dataplane/outliers.py",
     "gateway/dataplane/pool.py",
+    "gateway/dataplane/ratelimit.py",
     "gateway/dataplane/routing.py",
     "gateway/dataplane/stats.py",
     "gateway/dataplane/wire.py",

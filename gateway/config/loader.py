@@ -30,6 +30,7 @@ from gateway.config.model import (
     HealthCheckConfig,
     OutlierConfig,
     ProxySettings,
+    RateLimitConfig,
     RegistryConfig,
     RouteConfig,
     ServiceConfig,
@@ -449,6 +450,9 @@ def _routes(reader: _Reader, node: Node | None, proxy: ProxySettings) -> tuple[R
             connect_timeout=s.duration("connect_timeout", proxy.connect_timeout),
             retries=s.integer("retries", proxy.retries, 0),
             max_body=s.get("max_body", None, parse_size, (str, int), "a size like 10MiB"),
+            rate_limit=_rate_limit(
+                reader.section(s.node("rate_limit"), s.path("rate_limit"), _RATE_LIMIT_KEYS)
+            ),  # fmt: skip
             line=item.start_mark.line + 1,
         )
         if len(reader.errors) > errors_before:
@@ -464,6 +468,48 @@ def _routes(reader: _Reader, node: Node | None, proxy: ProxySettings) -> tuple[R
         first_lines[key] = route.line
         routes.append(route)
     return tuple(routes)
+
+
+_RATE_LIMIT_KEYS = ("average", "burst", "by", "header")
+
+
+def _rate_limit(s: _Section) -> RateLimitConfig | None:
+    """``{average: 100, burst: 50, by: client_ip}`` or ``by: header`` with ``header: X-Api-Key``."""
+    if s.mapping is None:
+        return None
+    s.require("average")
+    average = s.get("average", 0.0, _positive_rate, (int, float), "requests a second, like 100")
+    burst = s.integer("burst", max(1, int(average)), 1)
+    by = s.get("by", "client_ip", _rate_key)
+    header = s.get("header", None, _header_name)
+    if by == "header" and header is None:
+        s.error("by", "by: header needs header: <name>, the header whose value tells clients apart")
+    if by == "client_ip" and header is not None:
+        s.error("header", "is for by: header")
+    if average <= 0 or (by == "header") != (header is not None):
+        return None
+    return RateLimitConfig(average, burst, header)
+
+
+def _positive_rate(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be above 0, got {value}")
+    return float(value)
+
+
+def _rate_key(value: str) -> str:
+    if value not in ("client_ip", "header"):
+        raise ValueError(f"must be client_ip or header, got {value!r}")
+    return value
+
+
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME_RE.fullmatch(value):
+        raise ValueError(f"not a header name: {value!r}")
+    return value
 
 
 def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:

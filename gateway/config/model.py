@@ -78,6 +78,15 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """Per client of a route: ``average`` requests a second, bursts of ``burst``."""
+
+    average: float
+    burst: int
+    header: str | None = None  # the client is this header's value; None: its address
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     prefix: str
     service: str
@@ -88,6 +97,7 @@ class RouteConfig:
     connect_timeout: float = 2.0
     retries: int = 2
     max_body: int | None = None
+    rate_limit: RateLimitConfig | None = None
     line: int = 0
 
     @cached_property

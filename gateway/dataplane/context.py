@@ -11,13 +11,14 @@ import httptools
 
 from gateway.dataplane.outliers import Outliers
 from gateway.dataplane.pool import ConnectionPool
+from gateway.dataplane.ratelimit import TokenBuckets
 from gateway.dataplane.routing import BadPath, RouteTable, host_name, normalize_path
 from gateway.dataplane.stats import RequestStats, RouteStats, method_label
 from gateway.dataplane.wire import HeaderError, no_fragment
 from registry.core.store import Registry
 
 if TYPE_CHECKING:
-    from gateway.config.model import RouteConfig
+    from gateway.config.model import RateLimitConfig, RouteConfig
     from gateway.dataplane.exchange import Exchange
 
 ROUTE_CACHE_SIZE: Final = 4096
@@ -39,6 +40,9 @@ class ProxyContext:
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
         self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes, RouteStats]] = {}
+        # Per route with a rate_limit: its clients' buckets (kept across reloads while the
+        # route and its limit stay the same).
+        self._limits: dict[tuple[str | None, str, RateLimitConfig], TokenBuckets] = {}
         self.table = table
 
     @property
@@ -75,6 +79,16 @@ class ProxyContext:
             self._routes.clear()
         self._routes[key] = found
         return found
+
+    def rate_wait(
+        self, route: RouteConfig, limit: RateLimitConfig, client: bytes, now: float
+    ) -> float:
+        """0.0 if ``client`` may send this request on ``route`` now, else seconds to wait."""
+        key = (route.host, route.prefix, limit)
+        buckets = self._limits.get(key)
+        if buckets is None:
+            buckets = self._limits[key] = TokenBuckets(limit.average, limit.burst)
+        return buckets.take(client, now)
 
     @staticmethod
     def absolute_form(url: bytes) -> tuple[bytes, bytes, bytes]:

@@ -37,6 +37,7 @@ looks complete; GONE: it is gone already).
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Final
 
 from gateway.dataplane.pool import UpstreamConnection
@@ -54,7 +55,7 @@ from gateway.dataplane.wire import (
 )
 
 if TYPE_CHECKING:
-    from gateway.config.model import RouteConfig
+    from gateway.config.model import RateLimitConfig, RouteConfig
     from gateway.dataplane.context import ProxyContext
     from gateway.dataplane.listener import ClientConnection
     from registry.core.models import Instance
@@ -164,6 +165,8 @@ class Exchange:
         except HeaderError as error:
             self.fail(error.status, error.code, error.message)
             return
+        if route.rate_limit is not None and self._rate_limited(route, route.rate_limit, stats):
+            return
         self.target = target + b"?" + query if query else target
         self.route = route
         self.stats = stats
@@ -171,6 +174,23 @@ class Exchange:
         service.in_flight += 1
         service.requests += 1
         self._attempt(now)
+
+    def _rate_limited(self, route: RouteConfig, limit: RateLimitConfig, stats: RouteStats) -> bool:
+        """Over the route's rate_limit: 429 with Retry-After, counted on the route."""
+        client = self.client.peer_ip
+        if limit.header is not None:
+            client = self.head.value_of(limit.header.lower().encode()) or b"ip " + client
+        wait = self.proxy.rate_wait(route, limit, client, self.started)
+        if wait <= 0.0:
+            return False
+        self.route, self.stats = route, stats
+        self.fail(
+            429,
+            "rate_limited",
+            f"over {limit.average:g} requests a second for this route; retry later",
+            b"Retry-After: %d\r\n" % max(1, math.ceil(wait)),
+        )
+        return True
 
     def client_body(self, data: bytes) -> None:
         if self.phase == DONE:

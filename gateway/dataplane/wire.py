@@ -149,6 +149,14 @@ class RequestHead:
             )
         self.chunked = True
 
+    def value_of(self, name: bytes) -> bytes | None:
+        """The first value of a kept header, by its lower-case name (a scan: rare use)."""
+        for line in self.lines:
+            key, _, value = line.partition(b":")
+            if key.lower() == name:
+                return value.strip()
+        return None
+
     def kept_lines(self) -> list[bytes]:
         named = self.named
         if named is None:
