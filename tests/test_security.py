@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from gateway.app import Gateway
 from gateway.config.loader import parse_config
+from gateway.dataplane.routing import normalize_path
 from tests.conftest import RawServer, RunningGateway
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
@@ -270,3 +272,41 @@ def test_trusted_proxies_must_be_addresses_or_cidrs() -> None:
         "routes.yaml:2: proxy.trusted_proxies[1]: not an IP address or CIDR "
         "(like 10.0.0.0/8): 'everyone'"
     ]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin/x",
+        "/public/.%2e/admin",
+        "/public/./../admin",
+        "/public/..%2fadmin",
+        "/public%2f..%2fadmin",
+        "/public/%252e%252e/admin",
+        "/public//../admin",
+    ],
+)
+async def test_path_probes_reach_only_the_service_whose_prefix_they_are_in(
+    gateway_factory: GatewayFactory, upstreams: Any, path: str
+) -> None:
+    """Whatever the encoding, the service that gets a request gets a path inside its own
+    prefix, as it will read it: a dot segment in %2e is a dot segment (RFC 3986), an
+    encoded slash is not a separator. Nothing reaches the public service as /admin."""
+    gw = await gateway_factory("""
+routes:
+  - prefix: /public
+    service: public
+  - prefix: /admin
+    service: admin
+""")
+    public, admin = await upstreams("public"), await upstreams("admin")
+    await gw.register("public", public)
+    await gw.register("admin", admin)
+    async with gw.session.get(yarl.URL(gw.proxy_url + path, encoded=True)) as response:
+        assert response.status in (200, 404)
+    for upstream, prefix in ((public, "/public"), (admin, "/admin")):
+        for request in upstream.requests:
+            decoded = normalize_path(request["path"].replace("%2e", ".").replace("%2E", "."))
+            assert decoded == prefix or decoded.startswith(prefix + "/"), (path, request)
+    assert all("admin" not in r["path"].split("/")[1:2] for r in public.requests)
