@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import ipaddress
 import logging
 import os
 import signal
@@ -35,7 +34,7 @@ from registry.backends.base import RegistryBackend
 from registry.backends.etcd import EtcdBackend, parse_endpoints
 from registry.backends.feed import RegistryFeed
 from registry.backends.memory import MemoryBackend
-from registry.core.policy import AddressPolicy
+from registry.core.policy import AddressPolicy, is_loopback
 from registry.core.store import Registry
 
 log = logging.getLogger("gateway")
@@ -45,15 +44,6 @@ SHUTDOWN_GRACE = 30.0
 
 class StartupError(Exception):
     """A reason not to start, said in one line."""
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _checks(config: Config) -> dict[str, HealthCheckConfig]:
@@ -93,7 +83,7 @@ class Gateway:
         self.tokens, warnings = tokens_from(config.admin, os.environ)
         for warning in warnings:
             log.warning("%s", warning)
-        if not _is_loopback(self.admin_listen[0]) and not self.tokens:
+        if not is_loopback(self.admin_listen[0]) and not self.tokens:
             where = f"{self.admin_listen[0]}:{self.admin_listen[1]}"
             variables = [v for v in [config.admin.token_env] if v] + [
                 t.token_env for t in config.admin.tokens
@@ -150,7 +140,7 @@ class Gateway:
                 raise StartupError(
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}"
                 ) from None
-            policy = self.registry.policy = self._address_policy()
+            policy = self.registry.policy = self.proxy.pool.policy = self._address_policy()
             self._admin = web.AppRunner(
                 admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0
             )
@@ -178,15 +168,8 @@ class Gateway:
             raise
 
     def _address_policy(self) -> AddressPolicy:
-        """What registrations may name: never this gateway's own listeners; loopback only
-        when the admin listener is on loopback too, or the config allows it."""
-        settings = self.config.registry
-        return AddressPolicy(
-            allow_loopback=settings.allow_loopback or _is_loopback(self.admin_listen[0]),
-            own=[(self.listen[0], self.proxy_port), self.admin_listen],
-            max_instances=settings.max_instances,
-            max_per_service=settings.max_instances_per_service,
-        )
+        proxy = (self.listen[0], self.proxy_port)
+        return self.config.registry.address_policy(proxy, self.admin_listen)
 
     def _apply_services(self, config: Config, previous: Config | None) -> None:
         """Make the config's services known and its static instances registered; static

@@ -310,3 +310,37 @@ routes:
             decoded = normalize_path(request["path"].replace("%2e", ".").replace("%2E", "."))
             assert decoded == prefix or decoded.startswith(prefix + "/"), (path, request)
     assert all("admin" not in r["path"].split("/")[1:2] for r in public.requests)
+
+
+async def test_a_host_name_is_checked_for_what_it_resolves_to(
+    gateway_factory: GatewayFactory,
+    upstreams: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A registration may name a host; when the gateway connects, the addresses the name
+    resolves to then are held to the same rules (DNS pointing at cloud metadata)."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    names = {"metadata.test": "169.254.169.254", "good.test": "127.0.0.1"}
+
+    async def resolve(host: Any, port: Any, **kw: Any) -> Any:
+        if host in names:
+            return await real(names[host], port, **kw)
+        return await real(host, port, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    gw = await gateway_factory(
+        "routes:\n  - prefix: /bad\n    service: bad\n    retries: 0\n"
+        "  - prefix: /\n    service: web\n"
+    )
+    up = await upstreams("web")
+    assert (await post(gw, {"host": "metadata.test", "port": 80}, service="bad"))[0] == 201
+    assert (await post(gw, {"host": "good.test", "port": up.port}))[0] == 201
+    async with gw.session.get(gw.proxy_url + "/bad") as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream_unavailable"
+    assert "metadata.test resolves to 169.254.169.254, is link-local" in caplog.text
+    async with gw.session.get(gw.proxy_url + "/fine") as response:
+        assert response.status == 200  # a name that resolves to an allowed address works
+    assert len(up.requests) == 1

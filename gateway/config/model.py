@@ -10,6 +10,7 @@ from pathlib import Path
 
 from registry.core.errors import InvalidField
 from registry.core.models import validate_host
+from registry.core.policy import AddressPolicy, is_loopback
 
 
 class ConfigError(Exception):
@@ -140,6 +141,17 @@ class RegistryConfig:
     allow_loopback: bool = False  # loopback registrations with the admin off loopback
     max_instances: int = 10_000
     max_instances_per_service: int = 1_000
+
+    def address_policy(self, proxy: tuple[str, int], admin: tuple[str, int]) -> AddressPolicy:
+        """What registrations may name (and what names may resolve to): never the
+        gateway's own listeners (``proxy``, ``admin`` as bound); loopback only when the
+        admin listener is on loopback too, or allow_loopback says so."""
+        return AddressPolicy(
+            allow_loopback=self.allow_loopback or is_loopback(admin[0]),
+            own=[proxy, admin],
+            max_instances=self.max_instances,
+            max_per_service=self.max_instances_per_service,
+        )
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,7 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         log.error("worker: no registry from the primary; exiting")
         return
     proxy.pool.ssl = upstream_context(config.proxy)
+    proxy.pool.policy = config.registry.address_policy(listen, config.admin.listen)
     tls = server_context(config.tls) if config.tls is not None else None
     listener = Listener(proxy, config.proxy)
     await listener.start(listen[0], listen[1], reuse_port=True, tls=tls)

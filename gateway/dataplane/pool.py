@@ -9,7 +9,9 @@ decides anything about retries or the client. Idle connections wait in the pool
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
@@ -24,6 +26,7 @@ _DETACHED: Final = httptools.HttpResponseParser(None)
 
 if TYPE_CHECKING:
     from registry.core.models import Instance
+    from registry.core.policy import AddressPolicy
 
 Key = tuple[str, str, int]  # scheme, host, port
 MAX_IDLE_PER_INSTANCE: Final = 512
@@ -291,6 +294,8 @@ class ConnectionPool:
         self.keepalive = keepalive
         self._idle: dict[Key, list[UpstreamConnection]] = {}
         self.ssl: ssl.SSLContext | None = None  # for https instances (control.tls makes it)
+        # What resolved addresses may be connected to (registry.core.policy); None: any.
+        self.policy: AddressPolicy | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def acquire(self, key: Key, check: bool) -> UpstreamConnection | None:
@@ -335,13 +340,31 @@ class ConnectionPool:
                 self.ssl = ssl.create_default_context()
             ssl_context = self.ssl
         async with asyncio.timeout(timeout):
+            host = instance.host
+            if self.policy is not None and not _ip_literal(host):
+                host = await self._resolve(loop, host, instance.port)
             _, protocol = await loop.create_connection(
                 lambda: cast(Any, UpstreamConnection(self, key)),  # a Protocol by duck typing
-                instance.host,
+                host,
                 instance.port,
                 ssl=ssl_context,
+                server_hostname=instance.host if ssl_context is not None else None,
             )
         return cast(UpstreamConnection, protocol)
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop, name: str, port: int) -> str:
+        """A host name's first address the policy allows (what a registration may name is
+        checked for what the name resolves to now, not only as written); OSError if none."""
+        assert self.policy is not None
+        infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        refused = ""
+        for info in infos:
+            address = str(info[4][0])
+            reason = self.policy.refuses(address, port)
+            if not reason:
+                return address
+            refused = refused or f"{name} resolves to {address}, {reason}"
+        raise OSError(refused or f"{name} resolves to no address")
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than ``keepalive``."""
@@ -357,3 +380,11 @@ class ConnectionPool:
             for connection in idle:
                 connection.close()
         self._idle.clear()
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

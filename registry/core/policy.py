@@ -41,6 +41,14 @@ def _address(host: str) -> Address | None:
         return None
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (a listener's host, as configured)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
 def _local(address: Address) -> bool:
     return address.is_loopback or address.is_unspecified
 
@@ -87,6 +95,15 @@ class AddressPolicy:
                 f"host {host} is loopback, refused while the admin listener is not on loopback "
                 "(set registry.allow_loopback: true to allow it)",
             )
+
+    def refuses(self, address: str, port: int) -> str:
+        """Why the gateway must not connect to ``address`` (an IP a host name resolved
+        to) on ``port``, or "" when it may."""
+        try:
+            self.check(address, port)
+        except InvalidField as refused:
+            return refused.message.split(": ", 1)[0].removeprefix(f"host {address} ")
+        return ""
 
     def check_room(self, service_count: int, total: int) -> None:
         """Before a new instance: TooManyInstances or RegistryFull when a cap is reached."""
