@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config.describe import describe_routes
 from gateway.config.loader import parse_config
 from gateway.config.model import ConfigError, RateLimitConfig
 from gateway.dataplane.ratelimit import TokenBuckets
@@ -40,6 +41,10 @@ def test_rate_limit_config() -> None:
         "    rate_limit: {average: 100, burst: 50, by: header, header: X-Api-Key}\n"
     ).routes[0]
     assert route.rate_limit == RateLimitConfig(100.0, 50, "X-Api-Key")
+    config = parse_config(
+        "routes:\n  - prefix: /\n    service: web\n    rate_limit: {average: 5}\n"
+    )
+    assert describe_routes(config) == ["*  /  -> web  rate_limit=5/s,burst=5"]
     with pytest.raises(ConfigError) as refused:
         parse_config(
             "routes:\n  - prefix: /\n    service: web\n"

@@ -70,6 +70,10 @@ def _route_options(route: RouteConfig, proxy: ProxySettings) -> str:
         options.append(f"retries={route.retries}")
     if route.max_body is not None:
         options.append(f"max_body={_format_size(route.max_body)}")
+    limit = route.rate_limit
+    if limit is not None:
+        by = f",by={limit.header}" if limit.header else ""
+        options.append(f"rate_limit={limit.average:g}/s,burst={limit.burst}{by}")
     return " ".join(options)
 
 
