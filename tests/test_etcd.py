@@ -278,6 +278,14 @@ async def test_a_wiped_etcd_revision_going_back_means_a_full_read(
     await until_ids(a, ["w4"])
 
 
+async def stop_watching(backend: EtcdBackend) -> None:
+    """The backend's watch stream is gone (as a dropped connection leaves it)."""
+    assert backend._watch is not None
+    backend._watch.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await backend._watch
+
+
 async def test_a_dropped_watch_resumes_from_the_last_revision_it_applied(
     etcd: EtcdMember, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -291,10 +299,7 @@ async def test_a_dropped_watch_resumes_from_the_last_revision_it_applied(
         await backend.start()
         await backend.register("web", {"host": "127.0.0.1", "port": 9001, "id": "stays"})
         await backend.register("web", {"host": "127.0.0.1", "port": 9002, "id": "goes"})
-        assert backend._watch is not None
-        backend._watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await backend._watch
+        await stop_watching(backend)
         await client.delete(f"{PREFIX}web/goes")
         value = b'{"id": "new", "host": "127.0.0.1", "port": 9003, "registered_at": 1, "ttl": 30}'
         await client.put(f"{PREFIX}web/new", value, await client.grant(30))
@@ -323,10 +328,7 @@ async def test_a_compacted_start_revision_means_a_full_read(
         await backend.start()
         await backend.register("web", {"host": "127.0.0.1", "port": 9001, "id": "old"})
         synced = backend.revision
-        assert backend._watch is not None
-        backend._watch.cancel()  # the stream is gone for a while
-        with contextlib.suppress(asyncio.CancelledError):
-            await backend._watch
+        await stop_watching(backend)  # the stream is gone for a while
         await client.delete(f"{PREFIX}web/old")
         value = b'{"id": "new", "host": "127.0.0.1", "port": 9002, "registered_at": 1, "ttl": 30}'
         lease = await client.grant(30)
@@ -445,8 +447,7 @@ async def test_a_watch_that_stopped_delivering_is_started_over(etcd: EtcdMember)
         store.declare("web")
         await backend.wait_for_change("web", store.service_index("web"), 0.3)  # 6 probes
         assert restarts == 0
-        assert backend._watch is not None
-        backend._watch.cancel()  # the stream goes silent: nothing delivers any more
+        await stop_watching(backend)  # the stream goes silent: nothing delivers any more
         value = b'{"id": "w", "host": "127.0.0.1", "port": 9002, "registered_at": 1, "ttl": 30}'
         await client.put(f"{PREFIX}web/w", value, await client.grant(30))
         async with asyncio.timeout(10):
