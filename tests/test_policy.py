@@ -19,6 +19,8 @@ OWN = [("0.0.0.0", 8080), ("127.0.0.1", 8081)]
         ("169.254.0.1", 9000, "link-local"),
         ("fe80::1", 9000, "link-local"),
         ("::ffff:169.254.169.254", 80, "link-local"),  # the same, IPv4-mapped
+        ("fd00:ec2::254", 80, "cloud metadata"),  # AWS's, over IPv6
+        ("100.100.100.200", 80, "cloud metadata"),  # Alibaba Cloud's
         ("224.0.0.1", 9000, "multicast"),
         ("ff02::1", 9000, "multicast"),
         ("255.255.255.255", 9000, "broadcast"),

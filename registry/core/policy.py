@@ -127,9 +127,17 @@ class AddressPolicy:
         return address == own or (loopback and own.is_loopback)
 
 
+# Cloud metadata services outside link-local: AWS's IPv6 endpoint, Alibaba Cloud's.
+_METADATA: frozenset[Address] = frozenset(
+    {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+)
+
+
 def _forbidden(address: Address) -> str:
     if address.is_unspecified:
         return "unspecified"
+    if address in _METADATA:
+        return "a cloud metadata service"
     if address.is_link_local:
         return "link-local (cloud metadata lives there)"
     if address.is_multicast:
