@@ -105,6 +105,7 @@ class Gateway:
         self.backend = _backend(config, self.registry)
         self.health = HealthChecker(self.registry, _checks(config))
         self.metrics = GatewayMetrics(self.registry)
+        self.metrics.config_loaded()
         self.readiness: dict[str, str] = {}
         self._admin: web.AppRunner | None = None
         self._listener: Listener | None = None
@@ -221,6 +222,7 @@ class Gateway:
         if self._workers is not None:
             self._workers.reload()
         self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_loaded()
         log.info("reloaded %s: %d routes", path, len(config.routes))
         return True
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import string
 import subprocess
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -237,3 +239,27 @@ async def test_promtool_accepts_the_output(gateway_factory, upstreams):
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_build_info_reload_time_and_client_connections(gateway_factory):
+    before = time.time()
+    gw = await gateway_factory(ROUTES)
+    text, _ = await _scrape(gw)
+    (build,) = [line for line in text.splitlines() if line.startswith("gateway_build_info{")]
+    assert 'data_plane="' in build and 'python="3.' in build and build.endswith(" 1.0")
+    loaded = _value(text, "gateway_config_last_reload_success_timestamp_seconds")
+    assert before - 1 <= loaded <= time.time()
+    assert _value(text, "gateway_client_connections") == 0
+    opened = [await asyncio.open_connection("127.0.0.1", gw.gateway.proxy_port) for _ in range(3)]
+    try:
+        for reader, writer in opened:  # each connection answered once: surely accepted
+            writer.write(b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+        assert _value((await _scrape(gw))[0], "gateway_client_connections") == 3
+    finally:
+        for _, writer in opened:
+            writer.close()
+            await writer.wait_closed()
+    async with asyncio.timeout(5):
+        while _value((await _scrape(gw))[0], "gateway_client_connections") != 0:
+            await asyncio.sleep(0.01)

@@ -7,10 +7,18 @@ are rare and use prometheus_client's counters directly.
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -68,6 +76,10 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
     in_flight = GaugeMetricFamily(
         "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
     )
+    connections = GaugeMetricFamily(
+        "gateway_client_connections", "Client connections open on the proxy listener"
+    )
+    connections.add_metric([], sum(snapshot.get("connections", 0) for snapshot in numbers))
     errors = CounterMetricFamily(
         "gateway_upstream_errors",
         "Failed upstream attempts by reason",
@@ -81,7 +93,17 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
         retries.add_metric([name], retried)
         for reason, n in failed.items():
             errors.add_metric([name, reason], n)
-    yield from (requests, duration, in_flight, errors, retries)
+    yield from (requests, duration, in_flight, connections, errors, retries)
+
+
+def build_labels() -> tuple[str, str, str]:
+    from gateway import data_plane_build
+
+    try:
+        version = importlib.metadata.version("gateway")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return version, platform.python_version(), data_plane_build()
 
 
 def _registry_families(states: list[tuple[str, dict[str, int]]]) -> Iterator[Metric]:
@@ -129,7 +151,23 @@ class GatewayMetrics:
         )
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        self.build = Gauge(
+            "gateway_build_info",
+            "The running build: version, Python, and whether the data plane is compiled",
+            ["version", "python", "data_plane"],
+            registry=r,
+        )
+        self.build.labels(*build_labels()).set(1)
+        self.last_reload = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded with success (start-up included), Unix time",
+            registry=r,
+        )
         registry.subscribe(self._on_registry_event)
+
+    def config_loaded(self) -> None:
+        """The config was loaded (at start) or reloaded with success, now."""
+        self.last_reload.set_to_current_time()
 
     def exposition(self) -> Callable[[], bytes]:
         """What /metrics answers, in two steps. Here, on the loop: a copy of the numbers

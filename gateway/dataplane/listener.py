@@ -128,6 +128,7 @@ class ClientConnection:  # an asyncio.Protocol by its methods (a mypyc native cl
             transport.close()
             return
         listener.connections.add(self)
+        self.proxy.stats.connections += 1
         self.deadline = listener.now + listener.settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
@@ -475,7 +476,9 @@ class Listener:
         return int(self.server.sockets[0].getsockname()[1])
 
     def forget(self, connection: ClientConnection) -> None:
-        self.connections.discard(connection)
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.proxy.stats.connections -= 1
         if self._drained is not None and not self.connections:
             self._drained.set()
 

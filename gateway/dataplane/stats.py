@@ -108,6 +108,7 @@ class RequestStats:
         self.services: dict[str, ServiceStats] = {}
         self._routes: dict[tuple[str, str], RouteStats] = {}
         self.unmatched = RouteStats("none", ServiceStats("none"))
+        self.connections = 0  # client connections open (the listener keeps it)
 
     def service(self, name: str) -> ServiceStats:
         found = self.services.get(name)
@@ -157,4 +158,5 @@ class RequestStats:
             "services": [
                 [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
             ],
+            "connections": self.connections,
         }
