@@ -52,6 +52,7 @@ from gateway.dataplane.wire import (
     error_bytes,
     no_fragment,
     response_framing,
+    trace_context,
 )
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Exchange:
     upgrade: bytes | None = None  # "websocket": this is a handshake the gateway tunnels
     early: list[bytes] | None = None  # the client's bytes after the handshake, before the 101
     unchecked = False  # sent on a pooled connection not checked for a close by the upstream
+    trace_id = b""  # W3C trace id, once sent upstream (wire.trace_context)
 
     def __init__(
         self,
@@ -335,6 +337,7 @@ class Exchange:
             host = self.authority  # an absolute-form target's authority is the Host
         else:
             host = instance.host_header
+        self.trace_id, trace = trace_context(head.traceparent, head.tracestate, head.traces)
         connection.start(
             self,
             head.upstream_head(
@@ -347,6 +350,7 @@ class Exchange:
                 upgrade=self.upgrade,
                 proto=self.client.proto,
                 trusted=self.client.trusted,
+                trace=trace,
             ),
             self.no_body,
         )

@@ -37,7 +37,9 @@ HOP_BY_HOP: Final = frozenset(
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive"})
 
 # How a request header is handled (a dict lookup per header; absent: kept as it is).
-_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _EXPECT, _UPGRADE, _CLAIM = range(10)
+_HOST, _LENGTH, _CODING, _CONNECTION, _DROP, _FOR, _ID, _EXPECT, _UPGRADE, _CLAIM, _TRACE = range(
+    11
+)
 _REQUEST_KINDS: Final = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -63,6 +65,8 @@ _REQUEST_KINDS: Final = {
     b"x-client-ip": _DROP,
     b"x-forwarded-for": _FOR,
     b"x-request-id": _ID,
+    b"traceparent": _TRACE,  # W3C trace context: the gateway adds itself as a span
+    b"tracestate": _TRACE,
     b"expect": _EXPECT,  # answered by the gateway itself
 }
 
@@ -109,6 +113,42 @@ def new_request_id() -> bytes:
     return _ID_PREFIX + str(next(_id_counter)).encode()
 
 
+# W3C trace context: ids unique per process and across processes (a random prefix per
+# process, then a counter), in lower-case hex as the format wants.
+_TRACE_PREFIX: Final = os.urandom(8).hex().encode()
+_SPAN_PREFIX: Final = os.urandom(4).hex().encode()
+_span_counter: Final = itertools.count(1)
+_TRACEPARENT_RE: Final = re.compile(
+    rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[ -~]*)?"
+)
+_NO_TRACE: Final = b"0" * 32
+_NO_SPAN: Final = b"0" * 16
+
+
+def trace_context(sent: bytes | None, state: bytes | None, count: int = 1) -> tuple[bytes, bytes]:
+    """(trace id, the lines to send upstream) for a request that came with traceparent
+    ``sent`` (``count`` of them) and tracestate ``state``. A valid one goes on with the
+    gateway as the new parent span (same trace id and flags, a new parent id); an absent
+    or invalid one (or two) starts a new trace, sampled, and its tracestate is dropped."""
+    number = next(_span_counter)
+    span = _SPAN_PREFIX + b"%08x" % (number & 0xFFFFFFFF)
+    found = _TRACEPARENT_RE.fullmatch(sent) if sent is not None and count == 1 else None
+    if (
+        found is not None
+        and found[1] != b"ff"
+        and (found[1] != b"00" or found[5] is None)
+        and found[2] != _NO_TRACE
+        and found[3] != _NO_SPAN
+    ):
+        trace = found[2]
+        lines = b"traceparent: 00-" + trace + b"-" + span + b"-" + found[4] + b"\r\n"
+        if state is not None:
+            lines += b"tracestate: " + state + b"\r\n"
+        return trace, lines
+    trace = _TRACE_PREFIX + b"%016x" % number
+    return trace, b"traceparent: 00-" + trace + b"-" + span + b"-01\r\n"
+
+
 class RequestHead:
     """A client request's headers, checked and sorted as the parser reports them.
 
@@ -123,6 +163,9 @@ class RequestHead:
     host: bytes | None = None
     forwarded_for: list[bytes] | None = None
     claims: dict[bytes, bytes] | None = None  # X-Forwarded-Proto/-Host, Forwarded as sent
+    traceparent: bytes | None = None
+    tracestate: bytes | None = None
+    traces = 0  # traceparent headers seen: more than one is no valid trace context
     request_id: bytes | None = None
     expect_continue = False
     upgrade_to: bytes | None = None  # Upgrade's value
@@ -189,6 +232,15 @@ class RequestHead:
                 self.forwarded_for.append(value.strip())
         elif kind == _ID:
             self.request_id = value
+        elif kind == _TRACE:
+            if name.lower() == b"traceparent":
+                self.traceparent = value.strip()
+                self.traces += 1
+            else:  # tracestate: a list, its lines joined
+                state = value.strip()
+                self.tracestate = (
+                    state if self.tracestate is None else self.tracestate + b"," + state
+                )
         elif kind == _CLAIM:
             claims = self.claims
             if claims is None:
@@ -237,6 +289,7 @@ class RequestHead:
         upgrade: bytes | None = None,
         proto: bytes = b"http",
         trusted: bool = False,
+        trace: bytes = b"",
     ) -> bytes:
         """The request head to send upstream: kept headers plus the gateway's own;
         ``upgrade`` for a WebSocket handshake the gateway tunnels. From a ``trusted``
@@ -263,6 +316,8 @@ class RequestHead:
             extra += b"Content-Length: " + self.content_length + b"\r\n"
         if upgrade is not None:  # hop-by-hop: set anew
             extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
+        if trace:  # the traceparent (and the tracestate that goes with it) to send
+            extra += trace
         return _UPSTREAM_HEAD % (
             method,
             target,
