@@ -73,10 +73,12 @@ class Gateway:
         shutdown_grace: float = SHUTDOWN_GRACE,
         workers: int = 1,
         log_level: str = "info",
+        access_log: str | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.log_level = log_level
+        self.access_log = access_log  # --access-log: over proxy.access_log, reloads too
         self.listen = listen or config.listen
         self.admin_listen = admin_listen or config.admin.listen
         self.shutdown_grace = shutdown_grace
@@ -126,6 +128,7 @@ class Gateway:
             Outliers(self.registry, outlier_configs(self.config)),
         )
         self.proxy.pool.ssl = upstream_context(self.config.proxy)
+        self.proxy.set_access_log(self.access_log or self.config.proxy.access_log)
         admin_app = build_admin_app(
             self.proxy, self.backend, self.metrics, self.tokens, self.readiness
         )
@@ -162,7 +165,11 @@ class Gateway:
             if self.workers > 1:
                 self._workers = Workers(RegistryFeed(self.registry, self.metrics.set_remote))
                 await self._workers.start(
-                    self.workers, self.config, (self.listen[0], self.proxy_port), self.log_level
+                    self.workers,
+                    self.config,
+                    (self.listen[0], self.proxy_port),
+                    self.log_level,
+                    self.access_log,
                 )
         except BaseException:
             await self.stop()
@@ -215,6 +222,7 @@ class Gateway:
         self.health.configure(_checks(config))
         if self.proxy is not None:
             self.proxy.pool.ssl = upstream_context(config.proxy)  # for new connections
+            self.proxy.set_access_log(self.access_log or config.proxy.access_log)
             self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
         if self._listener is not None:
@@ -254,6 +262,8 @@ class Gateway:
         else:
             await self._shutdown(listener)  # in this task: nothing may slip in between
         await self.health.stop()
+        if self.proxy is not None:
+            self.proxy.set_access_log("off")  # what is buffered is written
         await self.backend.stop()  # the last changes reach the snapshot
         admin, self._admin = self._admin, None
         if admin is not None:

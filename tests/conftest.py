@@ -292,14 +292,14 @@ class GatewayProcess:
     admin_url: str
 
 
-async def start_gateway_process(cwd: Path, *extra: str) -> GatewayProcess:
+async def start_gateway_process(cwd: Path, *extra: str, stdout: bool = False) -> GatewayProcess:
     """`gateway run` in a subprocess on ports 0, in ``cwd`` (with its routes.yaml);
-    ready when it logs its addresses. The caller stops it."""
+    ready when it logs its addresses. The caller stops it. ``stdout``: piped, to read."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "--listen", "127.0.0.1:0",
         "--admin-listen", "127.0.0.1:0", *extra,
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE if stdout else None,
     )  # fmt: skip
     assert process.stderr is not None
     while True:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway.config.describe import describe_routes
-from gateway.config.loader import load_config
+from gateway.config.loader import ACCESS_LOG_FORMS, load_config
 from gateway.config.model import Config, ConfigError, parse_listen
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], type=str.lower
     )
+    run.add_argument(
+        "--access-log",
+        choices=ACCESS_LOG_FORMS,
+        help="a line per request on stdout: json or common (default: proxy.access_log, off)",
+    )
 
     check = commands.add_parser("check", help="validate a config and print its routing table")
     check.add_argument("--config", default="routes.yaml")
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--listen", type=_listen, required=True)
     worker.add_argument("--feed-fd", type=int, required=True)
     worker.add_argument("--log-level", default="info")
+    worker.add_argument("--access-log", choices=ACCESS_LOG_FORMS)
     return parser
 
 
@@ -98,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             admin_listen=args.admin_listen,
             workers=args.workers,
             log_level=args.log_level,
+            access_log=args.access_log,
         )
         run(gateway)
     except StartupError as exc:
@@ -119,7 +126,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    run_loop(run_worker(config, args.listen, args.feed_fd))
+    run_loop(run_worker(config, args.listen, args.feed_fd, args.access_log))
     return 0
 
 

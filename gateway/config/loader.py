@@ -50,6 +50,7 @@ _TOP_KEYS = ("listen", "tls", "admin", "registry", "proxy", "routes", "services"
 _ADMIN_KEYS = ("listen", "token_env", "tls", "tokens")
 _TOKEN_KEYS = ("name", "token_env", "services", "role")
 _TLS_KEYS = ("cert", "key")
+ACCESS_LOG_FORMS = ("off", "json", "common")
 _REGISTRY_KEYS = (
     "default_ttl",
     "max_ttl",
@@ -416,6 +417,7 @@ def _proxy(s: _Section, base_dir: Path | None) -> ProxySettings:
         )
     )
     return ProxySettings(
+        access_log=s.get("access_log", "off", _access_log_form),
         trusted_proxies=tuple(cidr for cidr in trusted if cidr),
         upstream_ca=ca,
         upstream_tls_verify=s.flag("upstream_tls_verify", True),
@@ -600,6 +602,12 @@ def _file_path(value: str) -> Path:
     if not value.strip():
         raise ValueError("must be a file path")
     return Path(value)
+
+
+def _access_log_form(value: str) -> str:
+    if value not in ACCESS_LOG_FORMS:
+        raise ValueError(f"must be off, json or common, got {value!r}")
+    return value
 
 
 def _cidr(value: str) -> str:

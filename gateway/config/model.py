@@ -60,6 +60,7 @@ class ProxySettings:
     max_connections: int = 10000
     upstream_ca: Path | None = None  # CA file for https instances; None: the system's
     upstream_tls_verify: bool = True  # false: https instances are not verified at all
+    access_log: str = "off"  # or "json", "common": a line per request on stdout
     # Peers whose X-Forwarded-* and Forwarded go on (with this hop added); CIDRs.
     trusted_proxies: tuple[str, ...] = ()
 

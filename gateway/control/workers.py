@@ -42,7 +42,12 @@ class Workers:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(
-        self, count: int, config: Config, listen: tuple[str, int], log_level: str
+        self,
+        count: int,
+        config: Config,
+        listen: tuple[str, int],
+        log_level: str,
+        access_log: str | None = None,
     ) -> None:
         for worker in range(1, count):
             ours, theirs = socket.socketpair()
@@ -59,6 +64,7 @@ class Workers:
                 str(theirs.fileno()),
                 "--log-level",
                 log_level,
+                *(["--access-log", access_log] if access_log else []),
             ]
             process = await asyncio.create_subprocess_exec(*command, pass_fds=(theirs.fileno(),))
             theirs.close()
@@ -89,7 +95,9 @@ class Workers:
         self.processes.clear()
 
 
-async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> None:
+async def run_worker(
+    config: Config, listen: tuple[str, int], feed_fd: int, access_log: str | None = None
+) -> None:
     """A worker process: a data plane on the shared port, routing from the mirror."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # until the data plane is up
@@ -111,6 +119,7 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         log.error("worker: no registry from the primary; exiting")
         return
     proxy.pool.ssl = upstream_context(config.proxy)
+    proxy.set_access_log(access_log or config.proxy.access_log)
     proxy.pool.policy = config.registry.address_policy(listen, config.admin.listen)
     tls = server_context(config.tls) if config.tls is not None else None
     listener = Listener(proxy, config.proxy)
@@ -130,6 +139,7 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
         proxy.outliers.configs = outlier_configs(fresh)
         listener.settings = fresh.proxy
         proxy.pool.ssl = upstream_context(fresh.proxy)
+        proxy.set_access_log(access_log or fresh.proxy.access_log)
         if tls is not None and fresh.tls is not None:
             with contextlib.suppress(OSError, ssl.SSLError):  # the primary logs it
                 reload_into(tls, fresh.tls)
@@ -146,6 +156,7 @@ async def run_worker(config: Config, listen: tuple[str, int], feed_fd: int) -> N
             async with asyncio.timeout(STATS_INTERVAL):
                 await stopping.wait()
     await listener.shutdown(30.0)
+    proxy.set_access_log("off")  # what is buffered is written
     if not writer.is_closing():
         writer.write(stats_line(stats.snapshot()))
         with contextlib.suppress(ConnectionError):

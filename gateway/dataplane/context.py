@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
+from gateway.dataplane.accesslog import AccessLog
 from gateway.dataplane.outliers import Outliers
 from gateway.dataplane.pool import ConnectionPool
 from gateway.dataplane.ratelimit import TokenBuckets
@@ -37,6 +38,7 @@ class ProxyContext:
         self.stats = stats
         self.pool = ConnectionPool()
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
+        self.access_log: AccessLog | None = None
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
         self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes, RouteStats]] = {}
@@ -89,6 +91,16 @@ class ProxyContext:
         if buckets is None:
             buckets = self._limits[key] = TokenBuckets(limit.average, limit.burst)
         return buckets.take(client, now)
+
+    def set_access_log(self, form: str) -> None:
+        """Start, stop or change the access log ("off", "json", "common")."""
+        current = self.access_log
+        if current is not None and (form == "off" or current.json != (form == "json")):
+            self.access_log = None
+            current.close()  # what is buffered is written
+            current = None
+        if current is None and form != "off":
+            self.access_log = AccessLog(form)
 
     @staticmethod
     def absolute_form(url: bytes) -> tuple[bytes, bytes, bytes]:

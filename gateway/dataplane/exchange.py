@@ -112,6 +112,9 @@ class Exchange:
     early: list[bytes] | None = None  # the client's bytes after the handshake, before the 101
     unchecked = False  # sent on a pooled connection not checked for a close by the upstream
     trace_id = b""  # W3C trace id, once sent upstream (wire.trace_context)
+    bytes_in = 0  # request body bytes read from the client
+    bytes_out = 0  # response body bytes written to the client
+    error = ""  # the reason of the last failed attempt (a stats constant), for the log
 
     def __init__(
         self,
@@ -203,6 +206,7 @@ class Exchange:
             if self.buffered > route.max_body and self.phase < RESPONDING:
                 self._too_large(route)
                 return
+        self.bytes_in += len(data)
         if self.head.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         self._to_upstream(data)
@@ -387,7 +391,7 @@ class Exchange:
             error,
         )
         self._end_attempt()
-        self.last_reason = reason
+        self.last_reason = self.error = reason
         # A failed connect sent nothing: the body read so far is still in the buffer.
         # Otherwise the upstream may have seen the request: only a bodiless idempotent
         # one goes again, and never after a timeout.
@@ -506,6 +510,7 @@ class Exchange:
             self.early = self._hold(self.early, data)
 
     def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         if self.client_chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         pending = self.pending
@@ -563,6 +568,7 @@ class Exchange:
             # never a short one finished cleanly.
             assert self.service is not None
             self.service.errors[reason] += 1
+            self.error = reason
             log.warning("upstream %s failed mid-body: %s", (self.tried or ["-"])[-1], error)
             if self.pending is not None:
                 self.client.write(self.pending)
@@ -615,6 +621,26 @@ class Exchange:
             return b"Connection: close\r\n"
         return b"" if self.http11 else b"Connection: keep-alive\r\n"
 
+    def _log(self, status: int, seconds: float) -> None:
+        route, tried = self.route, self.tried
+        assert self.proxy.access_log is not None
+        self.proxy.access_log.record(
+            request_id=self.request_id,
+            trace_id=self.trace_id,
+            client=self.client.peer_ip,
+            method=self.method,
+            target=self.url,
+            route=route.prefix if route is not None else "",
+            service=route.service if route is not None else "",
+            instance=tried[-1] if tried else "",
+            status=status,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            seconds=seconds,
+            attempts=len(tried) if tried else 0,
+            error=self.error,
+        )
+
     def _end(self, status: int, how: int) -> None:
         """The one way out: whatever is still held is let go, the request is counted,
         the client connection hears ``how`` it ended (ANSWERED, ABORTED or GONE)."""
@@ -626,9 +652,10 @@ class Exchange:
         self._end_attempt()
         if self.service is not None:
             self.service.in_flight -= 1
-        self.stats.observe(
-            self.proxy.method_label(self.method), status, self.proxy.loop.time() - self.started
-        )
+        seconds = self.proxy.loop.time() - self.started
+        self.stats.observe(self.proxy.method_label(self.method), status, seconds)
+        if self.proxy.access_log is not None:
+            self._log(status, seconds)
         if how == ANSWERED:
             self.client.exchange_done(self, self.keep_alive)
         elif how == ABORTED:

@@ -489,6 +489,8 @@ class Listener:
             service.sample()
         self._ticks += 1
         if self._ticks % 10 == 0:  # once a second is precise enough for these
+            if self.proxy.access_log is not None:
+                self.proxy.access_log.flush()
             for connection in list(self.connections):
                 connection.check_deadlines(now)
             self.proxy.pool.sweep(now)
