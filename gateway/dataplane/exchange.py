@@ -52,7 +52,6 @@ from gateway.dataplane.wire import (
     error_bytes,
     no_fragment,
     response_framing,
-    trace_context,
 )
 
 if TYPE_CHECKING:
@@ -111,7 +110,6 @@ class Exchange:
     upgrade: bytes | None = None  # "websocket": this is a handshake the gateway tunnels
     early: list[bytes] | None = None  # the client's bytes after the handshake, before the 101
     unchecked = False  # sent on a pooled connection not checked for a close by the upstream
-    trace_id = b""  # W3C trace id, once sent upstream (wire.trace_context)
     bytes_in = 0  # request body bytes read from the client
     bytes_out = 0  # response body bytes written to the client
     error = ""  # the reason of the last failed attempt (a stats constant), for the log
@@ -341,7 +339,6 @@ class Exchange:
             host = self.authority  # an absolute-form target's authority is the Host
         else:
             host = instance.host_header
-        self.trace_id, trace = trace_context(head.traceparent, head.tracestate, head.traces)
         connection.start(
             self,
             head.upstream_head(
@@ -354,7 +351,6 @@ class Exchange:
                 upgrade=self.upgrade,
                 proto=self.client.proto,
                 trusted=self.client.trusted,
-                trace=trace,
             ),
             self.no_body,
         )
@@ -626,7 +622,7 @@ class Exchange:
         assert self.proxy.access_log is not None
         self.proxy.access_log.record(
             request_id=self.request_id,
-            trace_id=self.trace_id,
+            trace_id=self.head.trace_id,
             client=self.client.peer_ip,
             method=self.method,
             target=self.url,

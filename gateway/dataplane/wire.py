@@ -127,28 +127,19 @@ _NO_TRACE: Final = b"0" * 32
 _NO_SPAN: Final = b"0" * 16
 
 
-def trace_context(sent: bytes | None, state: bytes | None, count: int = 1) -> tuple[bytes, bytes]:
-    """(trace id, the lines to send upstream) for a request that came with traceparent
-    ``sent`` (``count`` of them) and tracestate ``state``. A valid one goes on with the
-    gateway as the new parent span (same trace id and flags, a new parent id); an absent
-    or invalid one (or two) starts a new trace, sampled, and its tracestate is dropped."""
-    digits = str(next(_span_counter)).encode()
-    span = _SPAN_PREFIX + digits[8:]
+def trace_parent(sent: bytes | None, count: int) -> tuple[bytes, bytes] | None:
+    """(trace id, flags) of a valid traceparent (``count`` of them sent), else None:
+    absent, two, version ff, zero ids, upper case, or version 00 with more fields."""
     found = _TRACEPARENT_RE.fullmatch(sent) if sent is not None and count == 1 else None
     if (
-        found is not None
-        and found[1] != b"ff"
-        and (found[1] != b"00" or found[5] is None)
-        and found[2] != _NO_TRACE
-        and found[3] != _NO_SPAN
+        found is None
+        or found[1] == b"ff"
+        or (found[1] == b"00" and found[5] is not None)
+        or found[2] == _NO_TRACE
+        or found[3] == _NO_SPAN
     ):
-        trace = found[2]
-        lines = b"traceparent: 00-" + trace + b"-" + span + b"-" + found[4] + b"\r\n"
-        if state is not None:
-            lines += b"tracestate: " + state + b"\r\n"
-        return trace, lines
-    trace = _TRACE_PREFIX + digits
-    return trace, b"traceparent: 00-" + trace + b"-" + span + b"-01\r\n"
+        return None
+    return found[2], found[4]
 
 
 class RequestHead:
@@ -168,6 +159,9 @@ class RequestHead:
     traceparent: bytes | None = None
     tracestate: bytes | None = None
     traces = 0  # traceparent headers seen: more than one is no valid trace context
+    trace_id = b""  # the request's W3C trace id, set by its first upstream_head
+    trace_flags = b"01"
+    trace_state = b""  # the tracestate line that goes with a valid traceparent
     request_id: bytes | None = None
     expect_continue = False
     upgrade_to: bytes | None = None  # Upgrade's value
@@ -291,7 +285,6 @@ class RequestHead:
         upgrade: bytes | None = None,
         proto: bytes = b"http",
         trusted: bool = False,
-        trace: bytes = b"",
     ) -> bytes:
         """The request head to send upstream: kept headers plus the gateway's own;
         ``upgrade`` for a WebSocket handshake the gateway tunnels. From a ``trusted``
@@ -318,8 +311,11 @@ class RequestHead:
             extra += b"Content-Length: " + self.content_length + b"\r\n"
         if upgrade is not None:  # hop-by-hop: set anew
             extra += b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n"
-        if trace:  # the traceparent (and the tracestate that goes with it) to send
-            extra += trace
+        # W3C trace context: the gateway is a span (a new parent id) of the request's trace,
+        # one per attempt; the trace is the client's if it sent a valid one, else new.
+        digits = str(next(_span_counter)).encode()
+        if not self.trace_id:
+            self._start_trace(digits)
         return _UPSTREAM_HEAD % (
             method,
             target,
@@ -329,9 +325,23 @@ class RequestHead:
             client_ip,
             proto,
             b"" if forwarded_host is None else b"X-Forwarded-Host: " + forwarded_host + b"\r\n",
+            self.trace_id,
+            _SPAN_PREFIX,
+            digits[8:],
+            self.trace_flags,
+            self.trace_state,
             request_id,
             extra,
         )
+
+    def _start_trace(self, digits: bytes) -> None:
+        valid = trace_parent(self.traceparent, self.traces)
+        if valid is None:
+            self.trace_id = _TRACE_PREFIX + digits  # a new trace; tracestate goes with none
+        else:
+            self.trace_id, self.trace_flags = valid
+            if self.tracestate is not None:
+                self.trace_state = b"tracestate: " + self.tracestate + b"\r\n"
 
 
 def _claims(
@@ -360,7 +370,7 @@ def _claims(
 # Host and X-Forwarded-Host come as whole lines (absent for an HTTP/1.0 request without Host).
 _UPSTREAM_HEAD: Final = (
     b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
-    b"%bVia: 1.1 gateway\r\nX-Request-ID: %b\r\n%b\r\n"
+    b"%bVia: 1.1 gateway\r\ntraceparent: 00-%b-%b%b-%b\r\n%bX-Request-ID: %b\r\n%b\r\n"
 )
 
 
