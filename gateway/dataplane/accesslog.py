@@ -26,12 +26,13 @@ def write_stdout(data: bytes) -> None:
         view = view[os.write(1, view) :]
 
 
-def _stamp(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-
-
-def _clf_stamp(now: float) -> str:
-    return time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
+# JSON string quoting in C (json's own), for the few string fields of a line.
+_quote: Final = json.encoder.encode_basestring_ascii
+_JSON: Final = (
+    '{"time": "%s.%03dZ", "request_id": %s, "trace_id": %s, "client": %s, "method": %s, '
+    '"path": %s, "route": %s, "service": %s, "instance": %s, "status": %d, "bytes_in": %d, '
+    '"bytes_out": %d, "duration_ms": %s, "attempts": %d, "upstream_error": %s}\n'
+)
 
 
 class AccessLog:
@@ -44,6 +45,18 @@ class AccessLog:
         self._pending = 0  # bytes handed to the writer and not written yet
         self.dropped = 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log")
+        self._second = -1  # the second the cached time strings are of
+        self._iso = ""
+        self._clf = b""
+
+    def _seconds(self, now: float) -> None:
+        """The time strings of the second ``now`` is in, made once a second."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            moment = time.gmtime(second)
+            self._iso = time.strftime("%Y-%m-%dT%H:%M:%S", moment)
+            self._clf = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", moment).encode()
 
     def record(
         self,
@@ -64,34 +77,34 @@ class AccessLog:
         error: str,
     ) -> None:
         now = time.time()
+        self._seconds(now)
         if self.json:
             line = (
-                json.dumps(
-                    {
-                        "time": _stamp(now),
-                        "request_id": request_id.decode("latin-1"),
-                        "trace_id": trace_id.decode("latin-1"),
-                        "client": client.decode("latin-1"),
-                        "method": method.decode("latin-1"),
-                        "path": target.decode("latin-1"),
-                        "route": route,
-                        "service": service,
-                        "instance": instance,
-                        "status": status,
-                        "bytes_in": bytes_in,
-                        "bytes_out": bytes_out,
-                        "duration_ms": round(seconds * 1000, 3),
-                        "attempts": attempts,
-                        "upstream_error": error or None,
-                    }
-                ).encode()
-                + b"\n"
-            )
+                _JSON
+                % (
+                    self._iso,
+                    int(now % 1 * 1000),
+                    _quote(request_id.decode("latin-1")),
+                    _quote(trace_id.decode("latin-1")),
+                    _quote(client.decode("latin-1")),
+                    _quote(method.decode("latin-1")),
+                    _quote(target.decode("latin-1")),
+                    _quote(route),
+                    _quote(service),
+                    _quote(instance),
+                    status,
+                    bytes_in,
+                    bytes_out,
+                    repr(round(seconds * 1000, 3)),
+                    attempts,
+                    _quote(error) if error else "null",
+                )
+            ).encode()
         else:
             request = b'"' + method + b" " + target.replace(b'"', b"%22") + b' HTTP/1.1"'
             line = b"%b - - %b %b %d %d\n" % (
                 client or b"-",
-                _clf_stamp(now).encode(),
+                self._clf,
                 request,
                 status,
                 bytes_out,
