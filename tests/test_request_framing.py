@@ -94,7 +94,7 @@ async def test_malformed_request_is_refused(gateway_factory, upstreams, raw, sta
     got_status, body, head = await _exchange(gw.gateway.proxy_port, raw)
     assert got_status == status
     assert body["error"]["code"] == code
-    assert b"aaaa" not in head  # the offending input is not echoed
+    assert b"a" * 64 not in head  # the input is not echoed (a hex id may hold "aaaa")
     assert up.requests == []
 
 
