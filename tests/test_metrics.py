@@ -263,3 +263,23 @@ async def test_build_info_reload_time_and_client_connections(gateway_factory):
     async with asyncio.timeout(5):
         while _value((await _scrape(gw))[0], "gateway_client_connections") != 0:
             await asyncio.sleep(0.01)
+
+
+async def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exposes(gateway_factory):
+    """gateway/control/grafana-dashboard.json: valid JSON, every metric it names exists."""
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "gateway" / "control" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 12
+    named = {name for expr in exprs for name in re.findall(r"\b(gateway_[a-z_]+)", expr)}
+    gw = await gateway_factory(ROUTES)
+    text, _ = await _scrape(gw)
+    # A family shows in # TYPE even before it has a series; a histogram's samples end in
+    # _bucket.
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    missing = {n for n in named if n.removesuffix("_bucket") not in families}
+    assert not missing, missing
