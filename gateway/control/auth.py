@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 
 from gateway.config.model import AdminConfig
 from registry.core.errors import ApiError
+from registry.core.models import rfc3339
 
 READS = frozenset({"GET", "HEAD"})
 
@@ -86,11 +87,9 @@ def audit_line(
     status: int,
 ) -> str:
     """One JSON line for the audit log (logger ``gateway.audit``)."""
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     return json.dumps(
         {
-            "time": stamp,
+            "time": rfc3339(time.time()),
             "token": token,
             "client": client,
             "method": method,
