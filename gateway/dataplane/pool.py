@@ -9,7 +9,6 @@ decides anything about retries or the client. Idle connections wait in the pool
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
 import ssl
@@ -19,6 +18,7 @@ import httptools
 
 from gateway.dataplane.stats import PROTOCOL, RESET
 from gateway.dataplane.wire import MAX_TOTAL
+from registry.core.policy import ip_address_of
 
 # What a closed connection keeps instead of its own parser, whose callbacks are bound
 # methods of the connection (a cycle the collector would have to find): calls nothing.
@@ -341,7 +341,7 @@ class ConnectionPool:
             ssl_context = self.ssl
         async with asyncio.timeout(timeout):
             host = instance.host
-            if self.policy is not None and not _ip_literal(host):
+            if self.policy is not None and ip_address_of(host) is None:
                 host = await self._resolve(loop, host, instance.port)
             _, protocol = await loop.create_connection(
                 lambda: cast(Any, UpstreamConnection(self, key)),  # a Protocol by duck typing
@@ -380,11 +380,3 @@ class ConnectionPool:
             for connection in idle:
                 connection.close()
         self._idle.clear()
-
-
-def _ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True

@@ -34,7 +34,8 @@ class TooManyInstances(ApiError):
         super().__init__(429, "too_many_instances", message)
 
 
-def _address(host: str) -> Address | None:
+def ip_address_of(host: str) -> Address | None:
+    """The IP address ``host`` is written as ([IPv6] brackets allowed), or None (a name)."""
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -45,7 +46,7 @@ def is_loopback(host: str) -> bool:
     """``localhost`` or a loopback address (a listener's host, as configured)."""
     if host.lower() in ("localhost", "localhost."):
         return True
-    address = _address(host)
+    address = ip_address_of(host)
     return address is not None and address.is_loopback
 
 
@@ -71,10 +72,8 @@ class AddressPolicy:
 
     def check(self, host: str, port: int) -> None:
         """InvalidField (invalid_host) when the gateway must not connect to host:port."""
-        address = _address(host)
-        loopback = host.lower() in ("localhost", "localhost.") or (
-            address is not None and address.is_loopback
-        )
+        address = ip_address_of(host)
+        loopback = is_loopback(host)
         if address is not None:
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
                 address = address.ipv4_mapped
@@ -119,7 +118,7 @@ class AddressPolicy:
 
     @staticmethod
     def _same_host(host: str, address: Address | None, own_host: str, loopback: bool) -> bool:
-        own = _address(own_host)
+        own = ip_address_of(own_host)
         if own is None:
             return host.lower() == own_host.lower()
         if own.is_unspecified:  # listening everywhere: any local address reaches it
