@@ -235,10 +235,9 @@ class EtcdBackend(RegistryBackend):
     async def deregister(self, service: str, instance_id: str) -> None:
         key = self._key(service, instance_id)
         async with self._writing():
-            found = await self.client.get(key)
-            deleted, revision = await self.client.delete(key)
+            deleted, revision, lease = await self.client.delete(key)
         self._revisions[(service, instance_id)] = revision
-        lease = self._known.pop((service, instance_id), 0) or (found[3] if found else 0)
+        lease = self._known.pop((service, instance_id), 0) or lease
         if lease:
             self._spawn(self.client.revoke(lease))
         here = self.store.unmirror(service, instance_id)

@@ -151,10 +151,13 @@ class EtcdClient:
         answer = await self.call("/v3/kv/put", body)
         return int(answer["header"]["revision"])
 
-    async def delete(self, key: str) -> tuple[int, int]:
-        """How many keys went (0 or 1), and the store's revision after."""
-        answer = await self.call("/v3/kv/deleterange", {"key": _b64(key)})
-        return int(answer.get("deleted", 0)), int(answer["header"]["revision"])
+    async def delete(self, key: str) -> tuple[int, int, int]:
+        """How many keys went (0 or 1), the store's revision after, and the lease the key
+        was on (0: none, or no key)."""
+        answer = await self.call("/v3/kv/deleterange", {"key": _b64(key), "prev_kv": True})
+        previous = answer.get("prev_kvs", [])
+        lease = int(previous[0].get("lease", 0)) if previous else 0
+        return int(answer.get("deleted", 0)), int(answer["header"]["revision"]), lease
 
     async def compact(self, revision: int) -> None:
         await self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
