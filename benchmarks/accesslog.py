@@ -13,7 +13,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,11 +51,10 @@ def main(args: argparse.Namespace) -> int:
             ports[form] = port
         for number in range(args.runs):
             for form, port in ports.items():
-                load = [wrk, "-t1", "-c50", f"-d{args.seconds}s", "--latency",
-                        f"http://127.0.0.1:{port}/small"]  # fmt: skip
-                out = subprocess.run(run.pinned(run.LOAD_CPUS, load, can_pin), capture_output=True,
-                                     text=True, timeout=args.seconds + 30)  # fmt: skip
-                rps = run.parse_wrk(out.stdout)["rps"]
+                target = run.Target(form, port=port)
+                result = run.run_wrk(wrk, target, run.SCENARIOS["small"], args.seconds, tmp,
+                                     procs, can_pin)  # fmt: skip
+                rps = result["rps"]
                 results[form].append(rps)
                 print(f"run {number + 1} access log {form:4} {rps:8.0f} req/s", flush=True)
         lines = (tmp / "json.log").read_bytes().count(b'"request_id"')
