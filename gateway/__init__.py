@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
+
+
+def version() -> str:
+    """The installed package's version ("unknown" when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def data_plane_build() -> str:

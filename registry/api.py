@@ -113,9 +113,9 @@ async def get_service(request: web.Request) -> web.Response:
         raise UnknownService(
             f"no service {name!r}", {"X-Registry-Index": str(registry.index)}
         ) from None
+    wait = _query_wait(request.query.get("wait", "5m"))  # refused even without an index
     if "index" in request.query:
         index = _query_index(request.query["index"])
-        wait = _query_wait(request.query.get("wait", "5m"))
         if registry.poll_waits(name, index):
             await backend.wait_for_change(name, index, wait)
     instances = registry.instances(name)

@@ -285,6 +285,13 @@ class RawServer:
 REPO = Path(__file__).resolve().parent.parent
 
 
+# What `gateway run` logs once both listeners are open: the proxy's port, the admin's.
+READY_LINE = re.compile(
+    r"proxy listening on \S+:(\d+), admin on \S+:(\d+), \d+ routes, "
+    r"(compiled|pure Python) data plane"
+)
+
+
 @dataclass
 class GatewayProcess:
     process: asyncio.subprocess.Process
@@ -308,11 +315,7 @@ async def start_gateway_process(cwd: Path, *extra: str, stdout: bool = False) ->
             process.kill()
             await process.wait()
             raise AssertionError("gateway exited before listening")
-        found = re.search(
-            r"proxy listening on \S+:(\d+), admin on \S+:(\d+), \d+ routes, "
-            r"(compiled|pure Python) data plane",
-            line,
-        )
+        found = READY_LINE.search(line)
         if found:
             return GatewayProcess(
                 process,

@@ -601,6 +601,18 @@ async def test_lease_expiry_removes_instance_and_counts_eviction(gateway_factory
 # -- long poll -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [("index=x&wait=1s", "invalid_index"), ("index=1&wait=soon", "invalid_wait"),
+     ("wait=", "invalid_wait"), ("wait=-1s", "invalid_wait")],
+)  # fmt: skip
+async def test_long_poll_refuses_a_bad_index_or_wait(gateway_factory, query, code):
+    """A bad wait is refused even without an index, where it would have no effect."""
+    gw = await gateway_factory(ROUTES)
+    status, body, _ = await _call(gw, "GET", f"/registry/services/api?{query}")
+    _assert_error(status, body, 400, code)
+
+
 async def test_long_poll_with_index_zero_answers_at_once(gateway_factory):
     gw = await gateway_factory(ROUTES)
     await _call(gw, "POST", "/registry/services/api/instances", json=OK)

@@ -1,4 +1,4 @@
-"""The admin listener: registry API, /metrics, /healthz, /readyz, /routes."""
+"""The admin listener: registry API, /metrics, /healthz, /readyz, /routes, /openapi.json."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.control.auth import READS, Token, audit_line, check, identify
 from gateway.control.metrics import GatewayMetrics
+from gateway.control.openapi import document
 from gateway.control.status import render
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.routing import BadPath, RouteSpec, host_name, normalize_path
@@ -118,6 +119,12 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    secured = bool(request.app[TOKENS])
+    max_ttl = request.app[registry_api.BACKEND].store.max_ttl
+    return web.json_response(document(secured, max_ttl))
+
+
 async def metrics(request: web.Request) -> web.Response:
     # Evict ended leases first, so a scrape never shows an instance gone from
     # gateway_registry_instances without its eviction counted.
@@ -209,5 +216,6 @@ def build_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/routes", routes)
+    app.router.add_get("/openapi.json", openapi)
     registry_api.add_routes(app)
     return app

@@ -7,7 +7,6 @@ are rare and use prometheus_client's counters directly.
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -97,13 +96,9 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
 
 
 def build_labels() -> tuple[str, str, str]:
-    from gateway import data_plane_build
+    from gateway import data_plane_build, version
 
-    try:
-        version = importlib.metadata.version("gateway")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return version, platform.python_version(), data_plane_build()
+    return version(), platform.python_version(), data_plane_build()
 
 
 def _registry_families(states: list[tuple[str, dict[str, int]]]) -> Iterator[Metric]:
