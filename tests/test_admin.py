@@ -166,13 +166,14 @@ async def test_status_page_lists_routes_and_instances(gateway_factory, upstreams
         "routes:\n  - prefix: /api\n    service: api\n  - prefix: /x<y>\n    service: web\n"
     )
     up = await upstreams("api")
-    await gw.register("api", up)
+    await gw.register("api", up, metadata={"version": "1.4", "note": "<b>&"})
     async with gw.session.get(gw.admin_url + "/") as response:
         assert response.status == 200
         assert response.content_type == "text/html"
         page = await response.text()
     assert "/api" in page and f"127.0.0.1:{up.port}" in page and "healthy" in page
     assert "/x&lt;y&gt;" in page and "<y>" not in page  # escaped
+    assert "<td>note=&lt;b&gt;&amp;, version=1.4</td>" in page and "<b>" not in page
     assert "no instances" in page  # web has none
 
 

@@ -42,6 +42,11 @@ def _expires(instance: Instance, now: float) -> str:
     return f"{max(0.0, instance.expires_at - now):.0f}s"
 
 
+def _metadata(instance: Instance) -> str:
+    # Whatever a service registered, shown as text: never markup.
+    return ", ".join(f"{escape(k)}={escape(v)}" for k, v in sorted(instance.metadata.items()))
+
+
 def _instance_row(instance: Instance, now: float) -> str:
     state, health = escape(instance.state), escape(instance.health)
     return _cells(
@@ -53,6 +58,7 @@ def _instance_row(instance: Instance, now: float) -> str:
             f'<span class="{health}">{health}</span>',
             str(instance.in_flight + instance.remote_in_flight),
             _expires(instance, now),
+            _metadata(instance),
         ]
     )
 
@@ -115,7 +121,9 @@ def _instances(registry: Registry, names: list[str], now: float, page: int) -> s
                 heading += " · " + _link("next", names[0], page + 1)
     return (
         f"<h2>{heading}</h2><table>"
-        + _cells(["service", "id", "address", "state", "health", "in flight", "lease"], "th")
+        + _cells(
+            ["service", "id", "address", "state", "health", "in flight", "lease", "metadata"], "th"
+        )
         + "".join(_instance_row(instance, now) for instance in shown)
         + "</table>"
     )
