@@ -128,7 +128,7 @@ class Gateway:
             Outliers(self.registry, outlier_configs(self.config)),
         )
         self.proxy.pool.ssl = upstream_context(self.config.proxy)
-        self.proxy.set_access_log(self.access_log or self.config.proxy.access_log)
+        self.proxy.configure(self.config.proxy, self.access_log)
         admin_app = build_admin_app(
             self.proxy, self.backend, self.metrics, self.tokens, self.readiness
         )
@@ -222,7 +222,7 @@ class Gateway:
         self.health.configure(_checks(config))
         if self.proxy is not None:
             self.proxy.pool.ssl = upstream_context(config.proxy)  # for new connections
-            self.proxy.set_access_log(self.access_log or config.proxy.access_log)
+            self.proxy.configure(config.proxy, self.access_log)
             self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
         if self._listener is not None:

@@ -232,9 +232,10 @@ async def test_unmatched_paths_add_no_series(gateway_factory, upstreams):
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 async def test_promtool_accepts_the_output(gateway_factory, upstreams):
     clock = FakeClock()
-    gw = await gateway_factory(ROUTES, clock=clock)
+    gw = await gateway_factory(ROUTES + "proxy:\n  instance_metrics: 5\n", clock=clock)
     await _exercise(gw, upstreams, clock)
     text, _ = await _scrape(gw)
+    assert "gateway_instance_requests_total{" in text and "gateway_upstream_connections{" in text
     result = subprocess.run(
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
@@ -283,3 +284,66 @@ async def test_the_grafana_dashboard_queries_only_metrics_the_gateway_exposes(ga
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     missing = {n for n in named if n.removesuffix("_bucket") not in families}
     assert not missing, missing
+
+
+async def test_body_bytes_are_counted_per_route(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    await gw.register("api", await upstreams("api"))
+    async with gw.session.post(gw.proxy_url + "/api/upload", data=b"u" * 1000) as response:
+        assert (await response.json())["length"] == 1000
+        answer = len(await response.read())
+    async with gw.session.get(gw.proxy_url + "/api/download?size=70000") as response:
+        assert len(await response.read()) == 70000
+    assert await _get(gw, "/empty/x") == 503  # its JSON error is sent bytes too
+    text, _ = await _scrape(gw)
+    api = {"route": "/api", "service": "api"}
+    assert _value(text, "gateway_request_bytes_total", **api) == 1000
+    assert _value(text, "gateway_response_bytes_total", **api) == answer + 70000
+    empty = {"route": "/empty", "service": "empty"}
+    assert _value(text, "gateway_request_bytes_total", **empty) == 0
+    assert _value(text, "gateway_response_bytes_total", **empty) > 0
+
+
+async def test_upstream_connections_open_and_idle_per_service(gateway_factory, upstreams):
+    gw = await gateway_factory(ROUTES)
+    await gw.register("api", await upstreams("api"))
+    text, _ = await _scrape(gw)
+    assert _value(text, "gateway_upstream_connections", service="api") is None  # none yet
+    slow = asyncio.create_task(_get(gw, "/api/slow?delay=0.3"))
+    async with asyncio.timeout(5):  # while it is answered: open, not idle
+        while _value((await _scrape(gw))[0], "gateway_upstream_connections", service="api") != 1:
+            await asyncio.sleep(0.01)
+    text, _ = await _scrape(gw)
+    assert _value(text, "gateway_upstream_connections_idle", service="api") == 0
+    assert await slow == 200
+    text, _ = await _scrape(gw)  # then kept alive in the pool
+    assert _value(text, "gateway_upstream_connections", service="api") == 1
+    assert _value(text, "gateway_upstream_connections_idle", service="api") == 1
+
+
+async def test_instance_metrics_are_opt_in_and_bounded(gateway_factory, upstreams):
+    off = await gateway_factory(ROUTES)
+    await off.register("api", await upstreams("a"))
+    assert await _get(off, "/api/x") == 200
+    assert not any("gateway_instance_" in line for line in (await _scrape(off))[0].splitlines())
+
+    gw = await gateway_factory(ROUTES + "proxy:\n  instance_metrics: 1\n")
+    first, second = await upstreams("a"), await upstreams("b")
+    await gw.register("api", first)
+    assert await _get(gw, "/api/x") == 200  # the first instance seen gets the one place
+    await gw.register("api", second)
+    for _ in range(4):  # round-robin: two more each
+        assert await _get(gw, "/api/status/201") == 201
+    text, _ = await _scrape(gw)
+    one, other = f"127.0.0.1:{first.port}", "other"
+    requests = "gateway_instance_requests_total"
+    assert _value(text, requests, service="api", instance=one, code="200") == 1
+    assert _value(text, requests, service="api", instance=one, code="201") == 2
+    assert _value(text, requests, service="api", instance=other, code="201") == 2
+    count = "gateway_instance_request_duration_seconds_count"
+    assert _value(text, count, service="api", instance=one) == 3
+    # Deregistered: its series end (churn does not fill the limit with the dead).
+    assert await _admin(gw, "DELETE", f"/registry/services/api/instances/{one}") == 204
+    text, _ = await _scrape(gw)
+    assert _value(text, requests, service="api", instance=one, code="200") is None
+    assert _value(text, requests, service="api", instance=other, code="201") == 2

@@ -429,6 +429,7 @@ def _proxy(s: _Section, base_dir: Path | None) -> ProxySettings:
         body_timeout=s.duration("body_timeout", d.body_timeout),
         send_timeout=s.duration("send_timeout", d.send_timeout),
         max_connections=s.integer("max_connections", d.max_connections, 1),
+        instance_metrics=s.integer("instance_metrics", d.instance_metrics, 0),
     )
 
 

@@ -58,6 +58,7 @@ class ProxySettings:
     body_timeout: float = 60.0  # between two reads of a client's request body
     send_timeout: float = 60.0  # a client that accepts no bytes of its answer for this long
     max_connections: int = 10000
+    instance_metrics: int = 0  # instances with series of their own (others: "other"); 0: off
     upstream_ca: Path | None = None  # CA file for https instances; None: the system's
     upstream_tls_verify: bool = True  # false: https instances are not verified at all
     access_log: str = "off"  # or "json", "common": a line per request on stdout

@@ -35,18 +35,35 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 _BUCKET_LABELS: Final = [repr(b) for b in BUCKETS] + ["+Inf"]
 
 
+def _merge_routes(entries: Iterator[list[Any]]) -> dict[tuple[str, str], list[Any]]:
+    """RouteStats.numbers() of several processes, summed: (route, service) -> [counts,
+    buckets, sum, count, bytes in, bytes out] (an instance's: (instance, service))."""
+    merged: dict[tuple[str, str], list[Any]] = {}
+    for route, service, counts, buckets, total, count, bytes_in, bytes_out in entries:
+        into = merged.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0, 0, 0])
+        for method, code, n in counts:
+            into[0][(method, code)] = into[0].get((method, code), 0) + n
+        into[1] = [a + b for a, b in zip(into[1], buckets, strict=True)]
+        into[2] += total
+        into[3] += count
+        into[4] += bytes_in
+        into[5] += bytes_out
+    return merged
+
+
+def _cumulative(buckets: list[int]) -> list[tuple[str, int]]:
+    cumulative, running = [], 0
+    for label, n in zip(_BUCKET_LABELS, buckets, strict=True):
+        running += n
+        cumulative.append((label, running))
+    return cumulative
+
+
 def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
     """The request families, summed over this process's and the workers' numbers."""
-    routes: dict[tuple[str, str], list[Any]] = {}  # -> [counts, buckets, sum, count]
+    routes = _merge_routes(entry for snapshot in numbers for entry in snapshot["routes"])
     services: dict[str, list[Any]] = {}  # -> [in_flight, retries, errors]
     for snapshot in numbers:
-        for route, service, counts, buckets, total, count in snapshot["routes"]:
-            merged = routes.setdefault((route, service), [{}, [0] * len(buckets), 0.0, 0])
-            for method, code, n in counts:
-                merged[0][(method, code)] = merged[0].get((method, code), 0) + n
-            merged[1] = [a + b for a, b in zip(merged[1], buckets, strict=True)]
-            merged[2] += total
-            merged[3] += count
         for name, in_flight, retries, errors in snapshot["services"]:
             merged = services.setdefault(name, [0, 0, dict.fromkeys(errors, 0)])
             merged[0] += in_flight
@@ -63,15 +80,23 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
         "Time from request head received to response complete",
         labels=["route", "service"],
     )
-    for (route, service), (counts, buckets, total, count) in routes.items():
+    received = CounterMetricFamily(
+        "gateway_request_bytes",
+        "Request body bytes received from clients",
+        labels=["route", "service"],
+    )
+    sent = CounterMetricFamily(
+        "gateway_response_bytes",
+        "Response body bytes sent to clients",
+        labels=["route", "service"],
+    )
+    for (route, service), (counts, buckets, total, count, bytes_in, bytes_out) in routes.items():
         for (method, code), n in sorted(counts.items()):
             requests.add_metric([route, service, method, str(code)], n)
         if count:
-            cumulative, running = [], 0
-            for label, n in zip(_BUCKET_LABELS, buckets, strict=True):
-                running += n
-                cumulative.append((label, running))
-            duration.add_metric([route, service], cumulative, total)
+            duration.add_metric([route, service], _cumulative(buckets), total)
+        received.add_metric([route, service], bytes_in)
+        sent.add_metric([route, service], bytes_out)
     in_flight = GaugeMetricFamily(
         "gateway_requests_in_flight", "Requests being proxied", labels=["service"]
     )
@@ -92,7 +117,58 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
         retries.add_metric([name], retried)
         for reason, n in failed.items():
             errors.add_metric([name, reason], n)
-    yield from (requests, duration, in_flight, connections, errors, retries)
+    yield from (requests, duration, received, sent, in_flight, connections, errors, retries)
+    yield from _upstream_families(numbers)
+    yield from _instance_families(numbers)
+
+
+def _upstream_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Upstream connections by the service they were opened for, summed over processes."""
+    opened = GaugeMetricFamily(
+        "gateway_upstream_connections",
+        "Upstream connections open (idle ones included)",
+        labels=["service"],
+    )
+    idle = GaugeMetricFamily(
+        "gateway_upstream_connections_idle",
+        "Upstream connections idle in the keep-alive pool",
+        labels=["service"],
+    )
+    totals: dict[str, list[int]] = {}
+    for snapshot in numbers:
+        for service, n_open, n_idle in snapshot.get("upstream_connections", []):
+            into = totals.setdefault(service, [0, 0])
+            into[0] += n_open
+            into[1] += n_idle
+    for service, (n_open, n_idle) in sorted(totals.items()):
+        opened.add_metric([service], n_open)
+        idle.add_metric([service], n_idle)
+    yield from (opened, idle)
+
+
+def _instance_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """proxy.instance_metrics: requests and latency per instance (the one that answered)."""
+    merged = _merge_routes(entry for snapshot in numbers for entry in snapshot["per_instance"])
+    if not merged:
+        return
+    requests = CounterMetricFamily(
+        "gateway_instance_requests",
+        "Proxied requests by the instance that answered (proxy.instance_metrics)",
+        labels=["service", "instance", "code"],
+    )
+    duration = HistogramMetricFamily(
+        "gateway_instance_request_duration_seconds",
+        "Request duration by the instance that answered (proxy.instance_metrics)",
+        labels=["service", "instance"],
+    )
+    for (instance, service), (counts, buckets, total, *_) in sorted(merged.items()):
+        by_code: dict[int, int] = {}
+        for (_, code), n in counts.items():
+            by_code[code] = by_code.get(code, 0) + n
+        for code, n in sorted(by_code.items()):
+            requests.add_metric([service, instance, str(code)], n)
+        duration.add_metric([service, instance], _cumulative(buckets), total)
+    yield from (requests, duration)
 
 
 def build_labels() -> tuple[str, str, str]:
@@ -191,6 +267,7 @@ class GatewayMetrics:
             for service in remote.get("services", []):
                 service[1] = 0
             remote["instances"] = []
+            remote["upstream_connections"] = []
         else:
             self.remote[worker] = snapshot
         counts: dict[tuple[str, str], int] = {}

@@ -119,7 +119,7 @@ async def run_worker(
         log.error("worker: no registry from the primary; exiting")
         return
     proxy.pool.ssl = upstream_context(config.proxy)
-    proxy.set_access_log(access_log or config.proxy.access_log)
+    proxy.configure(config.proxy, access_log)
     proxy.pool.policy = config.registry.address_policy(listen, config.admin.listen)
     tls = server_context(config.tls) if config.tls is not None else None
     listener = Listener(proxy, config.proxy)
@@ -139,7 +139,7 @@ async def run_worker(
         proxy.outliers.configs = outlier_configs(fresh)
         listener.settings = fresh.proxy
         proxy.pool.ssl = upstream_context(fresh.proxy)
-        proxy.set_access_log(access_log or fresh.proxy.access_log)
+        proxy.configure(fresh.proxy, access_log)
         if tls is not None and fresh.tls is not None:
             with contextlib.suppress(OSError, ssl.SSLError):  # the primary logs it
                 reload_into(tls, fresh.tls)

@@ -19,7 +19,7 @@ from gateway.dataplane.wire import HeaderError, no_fragment
 from registry.core.store import Registry
 
 if TYPE_CHECKING:
-    from gateway.config.model import RateLimitConfig, RouteConfig
+    from gateway.config.model import ProxySettings, RateLimitConfig, RouteConfig
     from gateway.dataplane.exchange import Exchange
 
 ROUTE_CACHE_SIZE: Final = 4096
@@ -37,6 +37,7 @@ class ProxyContext:
         self.outliers = outliers or Outliers(registry, {})
         self.stats = stats
         self.pool = ConnectionPool()
+        stats.upstream_connections = self.pool.connection_counts
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
         self.access_log: AccessLog | None = None
         self.loop = asyncio.get_running_loop()
@@ -91,6 +92,12 @@ class ProxyContext:
         if buckets is None:
             buckets = self._limits[key] = TokenBuckets(limit.average, limit.burst)
         return buckets.take(client, now)
+
+    def configure(self, settings: ProxySettings, access_log: str | None) -> None:
+        """The settings of the proxy section the context applies (at start and reload):
+        the access log (``access_log``, the command line's, wins) and instance metrics."""
+        self.set_access_log(access_log or settings.access_log)
+        self.stats.instance_limit = settings.instance_metrics
 
     def set_access_log(self, form: str) -> None:
         """Start, stop or change the access log ("off", "json", "common")."""

@@ -605,7 +605,9 @@ class Exchange:
         if (self.has_body and not self.request_done) or status in _CLOSE_AFTER:
             self.keep_alive = False  # the rest of the request is not worth reading
         extra += self._connection_header()
-        self.client.write(error_bytes(status, code, message, self.request_id, extra))
+        answer = error_bytes(status, code, message, self.request_id, extra)
+        self.bytes_out += len(answer) - answer.index(b"\r\n\r\n") - 4  # its JSON body
+        self.client.write(answer)
         self._end(status, ANSWERED)
 
     def _connection_header(self) -> bytes:
@@ -649,7 +651,12 @@ class Exchange:
         if self.service is not None:
             self.service.in_flight -= 1
         seconds = self.proxy.loop.time() - self.started
-        self.stats.observe(self.proxy.method_label(self.method), status, seconds)
+        method = self.proxy.method_label(self.method)
+        stats = self.stats
+        stats.observe(method, status, seconds, self.bytes_in, self.bytes_out)
+        if self.tried and self.proxy.stats.instance_limit:
+            instance = self.proxy.stats.instance(stats.service, self.tried[-1])
+            instance.observe(method, status, seconds, self.bytes_in, self.bytes_out)
         if self.proxy.access_log is not None:
             self._log(status, seconds)
         if how == ANSWERED:

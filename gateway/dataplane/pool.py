@@ -81,6 +81,7 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
     __slots__ = (
         "pool",
         "key",
+        "service",
         "transport",
         "owner",
         "idle_since",
@@ -95,9 +96,10 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         "_fd",
     )
 
-    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+    def __init__(self, pool: ConnectionPool, key: Key, service: str = "") -> None:
         self.pool = pool
         self.key = key
+        self.service = service  # the one it was opened for (the one its numbers count in)
         self.transport: asyncio.Transport | None = None
         self.owner: Owner | None = None
         self.idle_since = 0.0
@@ -180,6 +182,8 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self._parser = httptools.HttpResponseParser(self)
+        opened = self.pool.opened
+        opened[self.service] = opened.get(self.service, 0) + 1
         self.state = IDLE
         sock = transport.get_extra_info("socket")
         # alive() peeks at the socket: only where the bytes on it are the HTTP ones.
@@ -232,7 +236,14 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         """The one teardown: the parser (its callbacks lead back here), the transport and
         the owner are dropped, so that reference counting alone frees the connection."""
         self.state = CLOSED
-        self.pool.discard(self)
+        pool = self.pool
+        pool.discard(self)
+        if self.transport is not None:  # it was made: it was counted
+            left = pool.opened[self.service] - 1
+            if left:
+                pool.opened[self.service] = left
+            else:
+                del pool.opened[self.service]
         self._parser = _DETACHED
         self.transport = None
         self._head = None
@@ -293,6 +304,7 @@ class ConnectionPool:
     def __init__(self, keepalive: float = 4.0) -> None:
         self.keepalive = keepalive
         self._idle: dict[Key, list[UpstreamConnection]] = {}
+        self.opened: dict[str, int] = {}  # service -> its connections open (made, not lost)
         self.ssl: ssl.SSLContext | None = None  # for https instances (control.tls makes it)
         # What resolved addresses may be connected to (registry.core.policy); None: any.
         self.policy: AddressPolicy | None = None
@@ -344,7 +356,8 @@ class ConnectionPool:
             if self.policy is not None and ip_address_of(host) is None:
                 host = await self._resolve(loop, host, instance.port)
             _, protocol = await loop.create_connection(
-                lambda: cast(Any, UpstreamConnection(self, key)),  # a Protocol by duck typing
+                # a Protocol by duck typing
+                lambda: cast(Any, UpstreamConnection(self, key, instance.service)),
                 host,
                 instance.port,
                 ssl=ssl_context,
@@ -365,6 +378,14 @@ class ConnectionPool:
                 return address
             refused = refused or f"{name} resolves to {address}, {reason}"
         raise OSError(refused or f"{name} resolves to no address")
+
+    def connection_counts(self) -> list[list[Any]]:
+        """[service, open, idle] of each service with connections open."""
+        idle: dict[str, int] = {}
+        for connections in self._idle.values():
+            for connection in connections:
+                idle[connection.service] = idle.get(connection.service, 0) + 1
+        return [[service, n, idle.get(service, 0)] for service, n in self.opened.items()]
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than ``keepalive``."""

@@ -8,7 +8,7 @@ scraped, and workers send copies of them to the primary.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from registry.core.store import Registry
@@ -75,9 +75,10 @@ class ServiceStats:
 
 
 class RouteStats:
-    """Per-route request counts and latency histogram."""
+    """Per-route request counts, latency histogram and body bytes (an instance's too,
+    when instance metrics are on: ``route`` is then the instance's id)."""
 
-    __slots__ = ("route", "service", "counts", "buckets", "sum", "count")
+    __slots__ = ("route", "service", "counts", "buckets", "sum", "count", "bytes_in", "bytes_out")
 
     def __init__(self, route: str, service: ServiceStats) -> None:
         self.route = route
@@ -86,8 +87,12 @@ class RouteStats:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
         self.count = 0
+        self.bytes_in = 0  # request body bytes read from clients
+        self.bytes_out = 0  # response body bytes written to clients
 
-    def observe(self, method: str, status: int, seconds: float) -> None:
+    def observe(
+        self, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
         key = (method, status)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
@@ -97,6 +102,24 @@ class RouteStats:
         self.buckets[bucket] += 1
         self.sum += seconds
         self.count += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def numbers(self) -> list[Any]:
+        """Copied, as plain data: [route, service, counts, buckets, sum, count, in, out]."""
+        return [
+            self.route,
+            self.service.name,
+            [[m, c, n] for (m, c), n in self.counts.items()],
+            list(self.buckets),
+            self.sum,
+            self.count,
+            self.bytes_in,
+            self.bytes_out,
+        ]
+
+
+OTHER_INSTANCES: Final = "other"  # the instance label of those beyond instance_limit
 
 
 class RequestStats:
@@ -109,6 +132,11 @@ class RequestStats:
         self._routes: dict[tuple[str, str], RouteStats] = {}
         self.unmatched = RouteStats("none", ServiceStats("none"))
         self.connections = 0  # client connections open (the listener keeps it)
+        # Upstream connections, [service, open, idle] each (the pool's, set by the context).
+        self.upstream_connections: Callable[[], list[list[Any]]] = list
+        # proxy.instance_metrics: instances with numbers of their own, at most; 0: none.
+        self.instance_limit = 0
+        self._instances: dict[tuple[str, str], RouteStats] = {}
 
     def service(self, name: str) -> ServiceStats:
         found = self.services.get(name)
@@ -122,6 +150,29 @@ class RequestStats:
         if found is None:
             found = self._routes[key] = RouteStats(route, self.service(service))
         return found
+
+    def instance(self, service: ServiceStats, instance_id: str) -> RouteStats:
+        """An instance's numbers; past instance_limit instances, the service's "other"."""
+        key = (service.name, instance_id)
+        found = self._instances.get(key)
+        if found is None:
+            if len(self._instances) >= self.instance_limit:
+                key = (service.name, OTHER_INSTANCES)
+                found = self._instances.get(key)
+            if found is None:
+                found = self._instances[key] = RouteStats(key[1], service)
+        return found
+
+    def _forget_gone_instances(self) -> None:
+        """Numbers of instances no longer registered are dropped (their series end), so
+        churn does not fill the limit with the dead; all of them when metrics go off."""
+        registry = self.registry
+        for key in list(self._instances):
+            name, instance_id = key
+            if not self.instance_limit or not (
+                instance_id == OTHER_INSTANCES or registry.has(name, instance_id)
+            ):
+                del self._instances[key]
 
     def all_routes(self) -> Iterator[RouteStats]:
         yield from self._routes.values()
@@ -143,20 +194,13 @@ class RequestStats:
 
     def request_numbers(self) -> dict[str, Any]:
         """This process's request numbers, as plain data (JSON-able), copied."""
+        self._forget_gone_instances()
         return {
-            "routes": [
-                [
-                    r.route,
-                    r.service.name,
-                    [[m, c, n] for (m, c), n in r.counts.items()],
-                    list(r.buckets),
-                    r.sum,
-                    r.count,
-                ]
-                for r in self.all_routes()
-            ],
+            "routes": [r.numbers() for r in self.all_routes()],
+            "per_instance": [i.numbers() for i in self._instances.values()],
             "services": [
                 [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
             ],
             "connections": self.connections,
+            "upstream_connections": self.upstream_connections(),
         }

@@ -338,6 +338,11 @@ class Registry:
         self._remove(self._services[name], instance, "deregistered")
         return instance
 
+    def has(self, name: str, instance_id: str) -> bool:
+        """Whether the instance is held (its lease may have ended since: no eviction here)."""
+        service = self._services.get(name)
+        return service is not None and instance_id in service.instances
+
     def get(self, name: str, instance_id: str) -> Instance:
         """The live instance, or UnknownInstance (an expired lease counts as gone)."""
         service = self._services.get(name)
