@@ -238,12 +238,8 @@ class UpstreamConnection:  # an asyncio.Protocol by its methods (a mypyc native 
         self.state = CLOSED
         pool = self.pool
         pool.discard(self)
-        if self.transport is not None:  # it was made: it was counted
-            left = pool.opened[self.service] - 1
-            if left:
-                pool.opened[self.service] = left
-            else:
-                del pool.opened[self.service]
+        if self.transport is not None:  # it was made: it was counted (a 0 stays, a gauge)
+            pool.opened[self.service] -= 1
         self._parser = _DETACHED
         self.transport = None
         self._head = None
@@ -304,7 +300,8 @@ class ConnectionPool:
     def __init__(self, keepalive: float = 4.0) -> None:
         self.keepalive = keepalive
         self._idle: dict[Key, list[UpstreamConnection]] = {}
-        self.opened: dict[str, int] = {}  # service -> its connections open (made, not lost)
+        # service -> its connections open (made, not lost); 0 once it had some
+        self.opened: dict[str, int] = {}
         self.ssl: ssl.SSLContext | None = None  # for https instances (control.tls makes it)
         # What resolved addresses may be connected to (registry.core.policy); None: any.
         self.policy: AddressPolicy | None = None
@@ -380,7 +377,7 @@ class ConnectionPool:
         raise OSError(refused or f"{name} resolves to no address")
 
     def connection_counts(self) -> list[list[Any]]:
-        """[service, open, idle] of each service with connections open."""
+        """[service, open, idle] of each service that has had a connection."""
         idle: dict[str, int] = {}
         for connections in self._idle.values():
             for connection in connections:
