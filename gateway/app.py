@@ -180,8 +180,9 @@ class Gateway:
         return self.config.registry.address_policy(proxy, self.admin_listen)
 
     def _apply_services(self, config: Config, previous: Config | None) -> None:
-        """Make the config's services known and its static instances registered; static
-        instances of services the previous config had and this one drops go."""
+        """Make the config's services known, their static instances registered and their
+        balancing set; static instances of services the previous config had and this one
+        drops go."""
         for name in dict.fromkeys(route.service for route in config.routes):
             self.registry.declare(name)
         for name, service in config.services.items():
@@ -190,6 +191,7 @@ class Gateway:
         if previous is not None:
             for name in set(previous.services) - set(config.services):
                 self.registry.set_static(name, ())
+        self.registry.set_balancing(config.balancings())
 
     async def reload(self) -> bool:
         """Load the config file again; a valid one replaces the routing table atomically.

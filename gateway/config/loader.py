@@ -39,6 +39,7 @@ from gateway.config.model import (
     parse_listen,
     parse_port,
 )
+from registry.core.balancer import BALANCERS, ROUND_ROBIN, Balancing
 from registry.core.errors import InvalidField
 from registry.core.models import SERVICE_NAME_RE, format_address, validate_host
 from registry.core.units import parse_duration, parse_size
@@ -62,7 +63,7 @@ _REGISTRY_KEYS = (
 )
 _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
-_SERVICE_KEYS = ("instances", "health_check", "outlier")
+_SERVICE_KEYS = ("instances", "health_check", "outlier", "balancer", "slow_start")
 _HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
 _OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
 
@@ -525,8 +526,12 @@ def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
             reader.section(s.node("health_check"), s.path("health_check"), _HEALTH_KEYS)
         )
         outlier = _outlier(reader.section(s.node("outlier"), s.path("outlier"), _OUTLIER_KEYS))
+        balancing = Balancing(
+            s.get("balancer", ROUND_ROBIN, _balancer),
+            s.get("slow_start", 0.0, parse_duration, (str, int, float), "a duration like 30s"),
+        )
         if name is not None:
-            services[name] = ServiceConfig(name, instances, health, outlier)
+            services[name] = ServiceConfig(name, instances, health, outlier, balancing)
     return services
 
 
@@ -603,6 +608,12 @@ def _file_path(value: str) -> Path:
     if not value.strip():
         raise ValueError("must be a file path")
     return Path(value)
+
+
+def _balancer(value: str) -> str:
+    if value not in BALANCERS:
+        raise ValueError(f"must be one of {', '.join(BALANCERS)}, got {value!r}")
+    return value
 
 
 def _access_log_form(value: str) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from registry.core.balancer import Balancing
 from registry.core.errors import InvalidField
 from registry.core.models import validate_host
 from registry.core.policy import AddressPolicy, is_loopback
@@ -46,6 +47,7 @@ class ServiceConfig:
     instances: tuple[tuple[str, int], ...] = ()
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
+    balancing: Balancing = Balancing()  # balancer and slow_start
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ class Config:
     proxy: ProxySettings = ProxySettings()
     routes: tuple[RouteConfig, ...] = ()
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+
+    def balancings(self) -> dict[str, Balancing]:
+        """Each configured service's Balancing, for Registry.set_balancing."""
+        return {name: service.balancing for name, service in self.services.items()}
 
 
 def parse_listen(value: str) -> tuple[str, int]:

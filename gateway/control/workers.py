@@ -104,6 +104,7 @@ async def run_worker(
     registry = Registry(
         time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
     )
+    registry.set_balancing(config.balancings())
     stats = RequestStats(registry)
     proxy = ProxyContext(
         RouteTable(config.routes), registry, stats, Outliers(registry, outlier_configs(config))
@@ -137,6 +138,7 @@ async def run_worker(
             return
         proxy.table = table
         proxy.outliers.configs = outlier_configs(fresh)
+        registry.set_balancing(fresh.balancings())
         listener.settings = fresh.proxy
         proxy.pool.ssl = upstream_context(fresh.proxy)
         proxy.configure(fresh.proxy, access_log)

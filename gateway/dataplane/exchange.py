@@ -446,6 +446,9 @@ class Exchange:
         self.status = status
         instance = self.instance
         if instance is not None:
+            latency = instance.latency  # peak_ewma's: time to the response head
+            if latency is not None:
+                latency.observe(self.proxy.loop.time() - self.started, self.proxy.registry.clock())
             if status >= 500:
                 self.proxy.outliers.failed(instance, server_error=True)
             else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from registry.core.balancer import PeakEwma
 from registry.core.errors import InvalidField
 from registry.core.units import parse_duration
 
@@ -44,6 +45,7 @@ class Instance:
     in_flight: int = 0
     remote_in_flight: int = 0  # requests other processes (workers) have on it
     deregister_when_idle: bool = False
+    latency: PeakEwma | None = None  # peak_ewma's cost of it (made at its first such pick)
 
     def __post_init__(self) -> None:
         self.readdress()
@@ -97,7 +99,9 @@ def instance_state(instance: Instance) -> str:
 # An instance's registration, as a snapshot saves it and a worker's mirror takes it:
 # every field but the service (the key) and the counts of requests in flight.
 REGISTRATION_FIELDS = tuple(
-    f.name for f in fields(Instance) if f.name not in ("service", "in_flight", "remote_in_flight")
+    f.name
+    for f in fields(Instance)
+    if f.name not in ("service", "in_flight", "remote_in_flight", "latency")
 )
 
 

@@ -8,10 +8,19 @@ absolute expiry across a restart and tests move time by hand. The I/O shell
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final
 
-from registry.core.balancer import WeightedRoundRobin
+from registry.core.balancer import (
+    LEAST_REQUEST,
+    PEAK_EWMA,
+    Balancing,
+    PeakEwma,
+    WeightedRoundRobin,
+    ramp,
+    two_choices,
+)
 from registry.core.errors import InvalidField, UnknownInstance, UnknownService
 from registry.core.models import (
     INSTANCE_STATES,
@@ -31,6 +40,7 @@ from registry.core.models import (
 from registry.core.policy import AddressPolicy
 
 Clock = Callable[[], float]
+RAMP_STEP: Final = 1.0  # seconds between two round-robin schedules of a slow start
 # (event, service, instance); event is one of EVENTS
 Listener = Callable[[str, str, Instance], None]
 EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted")
@@ -55,10 +65,16 @@ class _Service:
         "counted",
         "schedule",
         "turn",
+        "balancing",
+        "since",
+        "ramp_until",
+        "built_at",
+        "clock",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Clock) -> None:
         self.name = name
+        self.clock = clock
         self.instances: dict[str, Instance] = {}
         self.index = 0
         self.routable: list[Instance] = []
@@ -68,6 +84,10 @@ class _Service:
         self.counted: dict[str, tuple[str, int]] = {}  # id -> (state, weight if routable else 0)
         self.schedule: WeightedRoundRobin[Instance] | None = None  # built at the next pick
         self.turn = 0
+        self.balancing: Balancing | None = None  # None: round-robin without slow start
+        self.since: dict[str, float] = {}  # id -> when it last became routable (slow start)
+        self.ramp_until = 0.0  # till then some instance is in its slow start
+        self.built_at = 0.0  # when the schedule was built (rebuilt while ramping)
 
     def track(self, instance: Instance) -> None:
         state = instance_state(instance)
@@ -80,6 +100,10 @@ class _Service:
         self.counted[instance.id] = now
         self.states[state] += 1
         weight = now[1]
+        if weight and (before is None or not before[1]):  # new or back: its slow start
+            start = self.since[instance.id] = self.clock()
+            if self.balancing is not None and self.balancing.slow_start:
+                self.ramp_until = max(self.ramp_until, start + self.balancing.slow_start)
         if weight:
             self.positions[instance.id] = len(self.routable)
             self.routable.append(instance)
@@ -88,6 +112,7 @@ class _Service:
 
     def untrack(self, instance_id: str) -> None:
         before = self.counted.pop(instance_id, None)
+        self.since.pop(instance_id, None)
         if before is not None:
             self._uncount(instance_id, before)
             self.schedule = None
@@ -130,6 +155,7 @@ class Registry:
         self._entries = 0
         self._remote: set[tuple[str, str]] = set()  # instances other processes have requests on
         self.count = 0  # instances held, static ones included
+        self.rng = random.Random()  # the load-aware balancers' draws (tests seed it)
         # Addresses registrations may name, and the caps (set by the gateway; None: any).
         self.policy: AddressPolicy | None = None
 
@@ -456,7 +482,9 @@ class Registry:
         if count == 0:
             return None
         chosen: Instance | None = None
-        if len(service.weights) == 1:  # equal weights: a plain rotation is the same order
+        if service.balancing is not None:
+            chosen = self._balanced(service, service.balancing, exclude)
+        elif len(service.weights) == 1:  # equal weights: a plain rotation is the same order
             for _ in range(count):  # a retry skips the instances it tried already
                 turn = service.turn
                 service.turn = turn + 1
@@ -475,6 +503,62 @@ class Registry:
                 self._remove(service, chosen, "evicted")
                 return self.pick(name, exclude)
         return chosen
+
+    def _balanced(
+        self, service: _Service, balancing: Balancing, exclude: Collection[str]
+    ) -> Instance | None:
+        """A pick by the service's Balancing: its balancer, weights ramped by slow start."""
+        now = self.clock()
+        window = balancing.slow_start
+        ramping = now < service.ramp_until
+        since = service.since
+
+        def weight(instance: Instance) -> float:
+            if not ramping:
+                return float(instance.weight)
+            return instance.weight * ramp(since.get(instance.id, 0.0), now, window)
+
+        kind = balancing.kind
+        if kind == LEAST_REQUEST:
+            return two_choices(
+                service.routable,
+                exclude,
+                lambda a, b: weight(a) * (b.in_flight + 1) > weight(b) * (a.in_flight + 1),
+                self.rng,
+            )
+        if kind == PEAK_EWMA:
+
+            def cost(instance: Instance) -> float:
+                latency = instance.latency
+                if latency is None:
+                    latency = instance.latency = PeakEwma()
+                return latency.load(instance.in_flight, now) / weight(instance)
+
+            return two_choices(service.routable, exclude, lambda a, b: cost(a) < cost(b), self.rng)
+        # Round-robin: while weights ramp, the schedule is rebuilt every RAMP_STEP (and
+        # once more when the ramp is over).
+        schedule = service.schedule
+        if schedule is None or (
+            service.built_at < service.ramp_until and now - service.built_at >= RAMP_STEP
+        ):
+            routable = service.routable
+            schedule = service.schedule = WeightedRoundRobin(
+                routable, [weight(i) for i in routable]
+            )
+            service.built_at = now
+        return schedule.pick(exclude)
+
+    def set_balancing(self, balancings: Mapping[str, Balancing]) -> None:
+        """Each service's Balancing (from routes.yaml); services not named: round-robin."""
+        for name in balancings.keys() | {n for n, s in self._services.items() if s.balancing}:
+            balancing = balancings.get(name)
+            service = self._service(name)
+            if balancing == Balancing():
+                balancing = None
+            if service.balancing != balancing:
+                service.balancing = balancing
+                service.schedule = None
+                service.ramp_until = 0.0
 
     def set_remote_in_flight(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Requests other processes have in flight, by (service, id), all of them at once.
@@ -507,7 +591,7 @@ class Registry:
     def _service(self, name: str) -> _Service:
         service = self._services.get(name)
         if service is None:
-            service = self._services[name] = _Service(name)
+            service = self._services[name] = _Service(name, self.clock)
         return service
 
     def _remove(self, service: _Service, instance: Instance, event: str) -> None:
