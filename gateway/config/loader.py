@@ -62,7 +62,7 @@ _REGISTRY_KEYS = (
 )
 _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
-_SERVICE_KEYS = ("instances", "health_check", "outlier")
+_SERVICE_KEYS = ("instances", "health_check", "outlier", "max_requests", "max_pending")
 _HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
 _OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
 
@@ -525,8 +525,12 @@ def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
             reader.section(s.node("health_check"), s.path("health_check"), _HEALTH_KEYS)
         )
         outlier = _outlier(reader.section(s.node("outlier"), s.path("outlier"), _OUTLIER_KEYS))
+        max_requests = s.get("max_requests", None, _positive_int, (int,), "an integer")
+        max_pending = s.get("max_pending", None, _positive_int, (int,), "an integer")
         if name is not None:
-            services[name] = ServiceConfig(name, instances, health, outlier)
+            services[name] = ServiceConfig(
+                name, instances, health, outlier, max_requests, max_pending
+            )
     return services
 
 
