@@ -129,6 +129,7 @@ class Gateway:
         )
         self.proxy.pool.ssl = upstream_context(self.config.proxy)
         self.proxy.configure(self.config.proxy, self.access_log)
+        self.proxy.stats.set_limits(self.config.services)
         admin_app = build_admin_app(
             self.proxy, self.backend, self.metrics, self.tokens, self.readiness
         )
@@ -227,6 +228,7 @@ class Gateway:
             self.proxy.configure(config.proxy, self.access_log)
             self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
+            self.proxy.stats.set_limits(config.services)
         if self._listener is not None:
             self._listener.settings = config.proxy
         if self._workers is not None:

@@ -221,7 +221,9 @@ async def _slow_upstream(delay: float) -> tuple[web.AppRunner, int]:
     return runner, runner.addresses[0][1]
 
 
-@pytest.mark.parametrize(("balancer", "most"), [("round_robin", 30), ("least_request", 20), ("peak_ewma", 20)])
+@pytest.mark.parametrize(
+    ("balancer", "most"), [("round_robin", 30), ("least_request", 20), ("peak_ewma", 20)]
+)
 async def test_through_the_gateway_a_slow_instance_gets_fewer(
     gateway_factory, upstreams, balancer, most
 ):

@@ -232,10 +232,12 @@ async def test_unmatched_paths_add_no_series(gateway_factory, upstreams):
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 async def test_promtool_accepts_the_output(gateway_factory, upstreams):
     clock = FakeClock()
-    gw = await gateway_factory(ROUTES + "proxy:\n  instance_metrics: 5\n", clock=clock)
+    limits = "services:\n  api: {max_requests: 10, max_pending: 100}\n"
+    gw = await gateway_factory(ROUTES + "proxy:\n  instance_metrics: 5\n" + limits, clock=clock)
     await _exercise(gw, upstreams, clock)
     text, _ = await _scrape(gw)
     assert "gateway_instance_requests_total{" in text and "gateway_upstream_connections{" in text
+    assert "gateway_overloaded_total{" in text
     result = subprocess.run(
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )

@@ -63,7 +63,10 @@ _REGISTRY_KEYS = (
 )
 _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
-_SERVICE_KEYS = ("instances", "health_check", "outlier", "balancer", "slow_start")
+_SERVICE_KEYS = (
+    "instances", "health_check", "outlier", "balancer", "slow_start", "max_requests",
+    "max_pending",
+)  # fmt: skip
 _HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
 _OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
 
@@ -530,8 +533,12 @@ def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
             s.get("balancer", ROUND_ROBIN, _balancer),
             s.get("slow_start", 0.0, parse_duration, (str, int, float), "a duration like 30s"),
         )
+        max_requests = s.get("max_requests", None, _positive_int, (int,), "an integer")
+        max_pending = s.get("max_pending", None, _positive_int, (int,), "an integer")
         if name is not None:
-            services[name] = ServiceConfig(name, instances, health, outlier, balancing)
+            services[name] = ServiceConfig(
+                name, instances, health, outlier, balancing, max_requests, max_pending
+            )
     return services
 
 

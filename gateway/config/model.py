@@ -48,6 +48,9 @@ class ServiceConfig:
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig = OutlierConfig()
     balancing: Balancing = Balancing()  # balancer and slow_start
+    # Concurrency limits of this process (None: unlimited); beyond them, 503 overloaded.
+    max_requests: int | None = None  # requests in flight to any one instance
+    max_pending: int | None = None  # requests in flight to the service as a whole
 
 
 @dataclass(frozen=True)

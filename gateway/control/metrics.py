@@ -118,8 +118,28 @@ def _request_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:
         for reason, n in failed.items():
             errors.add_metric([name, reason], n)
     yield from (requests, duration, received, sent, in_flight, connections, errors, retries)
+    yield _overloaded_family(numbers)
     yield from _upstream_families(numbers)
     yield from _instance_families(numbers)
+
+
+def _overloaded_family(numbers: list[dict[str, Any]]) -> Metric:
+    """Requests refused by a service's max_requests or max_pending, summed over processes."""
+    overloaded = CounterMetricFamily(
+        "gateway_overloaded",
+        "Requests refused with 503 overloaded by a service's concurrency limit",
+        labels=["service", "limit"],
+    )
+    totals: dict[str, dict[str, int]] = {}
+    for snapshot in numbers:
+        for service, counts in snapshot.get("overloaded", []):
+            into = totals.setdefault(service, dict.fromkeys(counts, 0))
+            for limit, n in counts.items():
+                into[limit] = into.get(limit, 0) + n
+    for service, counts in sorted(totals.items()):
+        for limit, n in counts.items():
+            overloaded.add_metric([service, limit], n)
+    return overloaded
 
 
 def _upstream_families(numbers: list[dict[str, Any]]) -> Iterator[Metric]:

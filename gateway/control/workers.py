@@ -121,6 +121,7 @@ async def run_worker(
         return
     proxy.pool.ssl = upstream_context(config.proxy)
     proxy.configure(config.proxy, access_log)
+    stats.set_limits(config.services)
     proxy.pool.policy = config.registry.address_policy(listen, config.admin.listen)
     tls = server_context(config.tls) if config.tls is not None else None
     listener = Listener(proxy, config.proxy)
@@ -139,6 +140,7 @@ async def run_worker(
         proxy.table = table
         proxy.outliers.configs = outlier_configs(fresh)
         registry.set_balancing(fresh.balancings())
+        stats.set_limits(fresh.services)
         listener.settings = fresh.proxy
         proxy.pool.ssl = upstream_context(fresh.proxy)
         proxy.configure(fresh.proxy, access_log)

@@ -41,7 +41,16 @@ import math
 from typing import TYPE_CHECKING, Final
 
 from gateway.dataplane.pool import UpstreamConnection
-from gateway.dataplane.stats import CONNECT, PROTOCOL, RESET, TIMEOUT, RouteStats, ServiceStats
+from gateway.dataplane.stats import (
+    CONNECT,
+    MAX_PENDING,
+    MAX_REQUESTS,
+    PROTOCOL,
+    RESET,
+    TIMEOUT,
+    RouteStats,
+    ServiceStats,
+)
 from gateway.dataplane.wire import (
     BODYLESS,
     CHUNKED,
@@ -173,7 +182,17 @@ class Exchange:
         self.target = target + b"?" + query if query else target
         self.route = route
         self.stats = stats
-        self.service = service = stats.service
+        service = stats.service
+        if service.max_pending and service.in_flight >= service.max_pending:
+            # Refused before it counts as in flight (self.service stays None for _end).
+            self._overloaded(
+                service,
+                MAX_PENDING,
+                f"service {route.service!r} has {service.max_pending} requests in flight,"
+                " its max_pending",
+            )
+            return
+        self.service = service
         service.in_flight += 1
         service.requests += 1
         self._attempt(now)
@@ -271,11 +290,25 @@ class Exchange:
     # -- attempts ----------------------------------------------------------------------
 
     def _attempt(self, now: float) -> None:
-        route = self.route
-        assert route is not None and self.service is not None
+        route, service = self.route, self.service
+        assert route is not None and service is not None
         proxy = self.proxy
         tried = self.tried
         instance = proxy.registry.pick(route.service, tried or ())
+        limit = service.max_requests
+        if limit and instance is not None and instance.in_flight >= limit:
+            instance = self._pick_below(route.service, instance, limit)
+            if instance is None:
+                if tried is None:
+                    self._overloaded(
+                        service,
+                        MAX_REQUESTS,
+                        f"every instance of {route.service!r} has {limit} requests in flight,"
+                        " its max_requests",
+                    )
+                else:  # the retry has nowhere to go: the failure it would retry is the answer
+                    self._give_up(self.last_reason)
+                return
         if instance is None:
             if tried is None:
                 self.fail(
@@ -290,13 +323,28 @@ class Exchange:
         if tried is None:
             self.tried = [instance.id]
         else:
-            self.service.retries += 1
+            service.retries += 1
             tried.append(instance.id)
         self.instance = instance
         proxy.registry.request_started(instance)
         # A request that can go again unseen skips the check for a dead pooled
         # connection (a syscall): if it was dead, _resend sends it once more.
         self._dispatch(instance, route, self.has_body or self.method not in IDEMPOTENT, now)
+
+    def _pick_below(self, name: str, full: Instance, limit: int) -> Instance | None:
+        """The next instance of ``name`` with fewer than ``limit`` requests in flight
+        (``full`` has that many), skipping full ones and those tried; None if all are full."""
+        skip = set(self.tried or ())
+        instance: Instance | None = full
+        while instance is not None and instance.in_flight >= limit:
+            skip.add(instance.id)
+            instance = self.proxy.registry.pick(name, skip)
+        return instance
+
+    def _overloaded(self, service: ServiceStats, limit: str, message: str) -> None:
+        """503 overloaded at once, never queued: ``service`` is at its ``limit``."""
+        service.overloaded[limit] += 1
+        self.fail(503, "overloaded", message + "; retry later", b"Retry-After: 1\r\n")
 
     def _resend(self) -> None:
         """The unchecked pooled connection was dead: the same request, same instance, on a

@@ -8,10 +8,13 @@ scraped, and workers send copies of them to the primary.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from registry.core.store import Registry
+
+if TYPE_CHECKING:
+    from gateway.config.model import ServiceConfig
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 # Why an upstream attempt failed: the values of gateway_upstream_errors_total's reason.
@@ -20,6 +23,10 @@ TIMEOUT: Final = "timeout"  # no response head in the route's timeout
 RESET: Final = "reset"  # the connection broke (or closed) before the response's end
 PROTOCOL: Final = "protocol"  # the upstream's answer breaks HTTP/1.1 or cannot be passed on
 UPSTREAM_ERROR_REASONS: Final = (CONNECT, TIMEOUT, RESET, PROTOCOL)
+# Which concurrency limit refused a request: the values of gateway_overloaded_total's limit.
+MAX_REQUESTS: Final = "max_requests"  # every routable instance had that many in flight
+MAX_PENDING: Final = "max_pending"  # the service had that many in flight
+LIMITS: Final = (MAX_REQUESTS, MAX_PENDING)
 BUCKETS: Final[tuple[float, ...]] = (
     0.005,
     0.01,
@@ -49,9 +56,20 @@ BUDGET_WINDOW: Final = 10  # samples of (requests, retries), one a tick: the las
 
 
 class ServiceStats:
-    """Per-service numbers the request path moves, and the retry budget they give."""
+    """Per-service numbers the request path moves, the retry budget they give, and the
+    service's concurrency limits they are held to (this process's requests only)."""
 
-    __slots__ = ("name", "in_flight", "retries", "errors", "requests", "_window")
+    __slots__ = (
+        "name",
+        "in_flight",
+        "retries",
+        "errors",
+        "requests",
+        "max_requests",
+        "max_pending",
+        "overloaded",
+        "_window",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,6 +77,9 @@ class ServiceStats:
         self.retries = 0
         self.requests = 0
         self.errors = dict.fromkeys(UPSTREAM_ERROR_REASONS, 0)
+        self.max_requests = 0  # in flight to one instance at most; 0: unlimited
+        self.max_pending = 0  # in flight to the service at most; 0: unlimited
+        self.overloaded = dict.fromkeys(LIMITS, 0)  # requests refused, by limit
         self._window: deque[tuple[int, int]] = deque([(0, 0)], maxlen=BUDGET_WINDOW)
 
     def sample(self) -> None:
@@ -144,6 +165,17 @@ class RequestStats:
             found = self.services[name] = ServiceStats(name)
         return found
 
+    def set_limits(self, services: Mapping[str, ServiceConfig]) -> None:
+        """The configured services' max_requests and max_pending (at start and reload):
+        they hold from the next pick on; a service the config limits no more is unlimited."""
+        for name, config in services.items():
+            if config.max_requests or config.max_pending:
+                self.service(name)  # its gateway_overloaded_total series exist from now
+        for name, stats in self.services.items():
+            limited = services.get(name)
+            stats.max_requests = (limited.max_requests or 0) if limited is not None else 0
+            stats.max_pending = (limited.max_pending or 0) if limited is not None else 0
+
     def route(self, route: str, service: str) -> RouteStats:
         key = (route, service)
         found = self._routes.get(key)
@@ -200,6 +232,11 @@ class RequestStats:
             "per_instance": [i.numbers() for i in self._instances.values()],
             "services": [
                 [s.name, s.in_flight, s.retries, dict(s.errors)] for s in self.services.values()
+            ],
+            "overloaded": [
+                [s.name, dict(s.overloaded)]
+                for s in self.services.values()
+                if s.max_requests or s.max_pending or any(s.overloaded.values())
             ],
             "connections": self.connections,
             "upstream_connections": self.upstream_connections(),
