@@ -29,6 +29,7 @@ class BuildExt(build_ext):
 
 
 COMPILED = [
+    "gateway/dataplane/affinity.py",
     "gateway/dataplane/context.py",
     "gateway/dataplane/exchange.py",
     "gateway/dataplane/listener.py",

@@ -26,6 +26,7 @@ from gateway.control.metrics import GatewayMetrics
 from gateway.control.reload import FileWatcher, load_off_loop
 from gateway.control.tls import reload_into, server_context, upstream_context
 from gateway.control.workers import Workers
+from gateway.dataplane.affinity import affinities_of
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.listener import Listener
 from gateway.dataplane.outliers import Outliers, outlier_configs
@@ -127,6 +128,7 @@ class Gateway:
             self.metrics.stats,
             Outliers(self.registry, outlier_configs(self.config)),
         )
+        self.proxy.affinities = affinities_of(self.config)
         self.proxy.pool.ssl = upstream_context(self.config.proxy)
         self.proxy.configure(self.config.proxy, self.access_log)
         self.proxy.stats.set_limits(self.config.services)
@@ -228,6 +230,7 @@ class Gateway:
             self.proxy.configure(config.proxy, self.access_log)
             self.proxy.table = table
             self.proxy.outliers.configs = outlier_configs(config)
+            self.proxy.affinities = affinities_of(config)
             self.proxy.stats.set_limits(config.services)
         if self._listener is not None:
             self._listener.settings = config.proxy

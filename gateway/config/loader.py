@@ -25,6 +25,7 @@ from gateway.config import yamltree
 from gateway.config.describe import format_duration
 from gateway.config.model import (
     AdminConfig,
+    AffinityConfig,
     Config,
     ConfigError,
     HealthCheckConfig,
@@ -65,10 +66,11 @@ _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
 _SERVICE_KEYS = (
     "instances", "health_check", "outlier", "balancer", "slow_start", "max_requests",
-    "max_pending",
+    "max_pending", "affinity",
 )  # fmt: skip
 _HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
 _OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
+_AFFINITY_KEYS = tuple(AffinityConfig.__dataclass_fields__)
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -535,9 +537,10 @@ def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
         )
         max_requests = s.get("max_requests", None, _positive_int, (int,), "an integer")
         max_pending = s.get("max_pending", None, _positive_int, (int,), "an integer")
+        affinity = _affinity(reader.section(s.node("affinity"), s.path("affinity"), _AFFINITY_KEYS))
         if name is not None:
             services[name] = ServiceConfig(
-                name, instances, health, outlier, balancing, max_requests, max_pending
+                name, instances, health, outlier, balancing, max_requests, max_pending, affinity
             )
     return services
 
@@ -573,6 +576,17 @@ def _health_check(s: _Section) -> HealthCheckConfig | None:
         unhealthy=s.integer("unhealthy", d.unhealthy, 1),
         expected_status=s.get("expected_status", d.expected_status, _status_range, (str, int)),
     )
+
+
+def _affinity(s: _Section) -> AffinityConfig | None:
+    if s.mapping is None:
+        return None
+    cookie = s.get("cookie", None, _header_name)
+    header = s.get("header", None, _header_name)
+    if (s.node("cookie") is None) == (s.node("header") is None):
+        s.error(None, "takes one of cookie or header (the name whose value is hashed)")
+        return None
+    return AffinityConfig(cookie, header)
 
 
 def _outlier(s: _Section) -> OutlierConfig:

@@ -34,6 +34,15 @@ class HealthCheckConfig:
 
 
 @dataclass(frozen=True)
+class AffinityConfig:
+    """Session affinity: requests with the same value of this cookie or header go to the
+    same instance (consistent hashing). Exactly one of the two is set."""
+
+    cookie: str | None = None
+    header: str | None = None
+
+
+@dataclass(frozen=True)
 class OutlierConfig:
     consecutive_failures: int = 5
     base_ejection: float = 30.0
@@ -51,6 +60,7 @@ class ServiceConfig:
     # Concurrency limits of this process (None: unlimited); beyond them, 503 overloaded.
     max_requests: int | None = None  # requests in flight to any one instance
     max_pending: int | None = None  # requests in flight to the service as a whole
+    affinity: AffinityConfig | None = None  # session affinity: a request key, hashed
 
 
 @dataclass(frozen=True)

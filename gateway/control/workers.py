@@ -20,6 +20,7 @@ import time
 from gateway.config.model import Config, ConfigError
 from gateway.control.reload import FileWatcher, load_off_loop
 from gateway.control.tls import reload_into, server_context, upstream_context
+from gateway.dataplane.affinity import affinities_of
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.listener import Listener
 from gateway.dataplane.outliers import Outliers, outlier_configs
@@ -109,6 +110,7 @@ async def run_worker(
     proxy = ProxyContext(
         RouteTable(config.routes), registry, stats, Outliers(registry, outlier_configs(config))
     )
+    proxy.affinities = affinities_of(config)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=feed_fd))
     ready = asyncio.Event()
     following = asyncio.create_task(follow(registry, reader, ready))
@@ -139,6 +141,7 @@ async def run_worker(
             return
         proxy.table = table
         proxy.outliers.configs = outlier_configs(fresh)
+        proxy.affinities = affinities_of(fresh)
         registry.set_balancing(fresh.balancings())
         stats.set_limits(fresh.services)
         listener.settings = fresh.proxy

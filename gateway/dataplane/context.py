@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httptools
 
 from gateway.dataplane.accesslog import AccessLog
+from gateway.dataplane.affinity import Affinities
 from gateway.dataplane.outliers import Outliers
 from gateway.dataplane.pool import ConnectionPool
 from gateway.dataplane.ratelimit import TokenBuckets
@@ -40,6 +41,7 @@ class ProxyContext:
         stats.upstream_connections = self.pool.connection_counts
         self.waiting: set[Exchange] = set()  # sent upstream, no response head yet
         self.access_log: AccessLog | None = None
+        self.affinities: Affinities = {}  # services with session affinity, by their key
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
         self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes, RouteStats]] = {}

@@ -40,6 +40,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Final
 
+from gateway.dataplane.affinity import request_key
 from gateway.dataplane.pool import UpstreamConnection
 from gateway.dataplane.stats import (
     CONNECT,
@@ -294,7 +295,15 @@ class Exchange:
         assert route is not None and service is not None
         proxy = self.proxy
         tried = self.tried
-        instance = proxy.registry.pick(route.service, tried or ())
+        key = None
+        if proxy.affinities:
+            affinity = proxy.affinities.get(route.service)
+            if affinity is not None:
+                key = request_key(self.head, affinity[0], affinity[1])
+        if key is None:
+            instance = proxy.registry.pick(route.service, tried or ())
+        else:
+            instance = proxy.registry.pick_by_key(route.service, key, tried or ())
         limit = service.max_requests
         if limit and instance is not None and instance.in_flight >= limit:
             instance = self._pick_below(route.service, instance, limit)

@@ -10,6 +10,8 @@ t * weight / W by less than one. That is the distribution nginx's smooth weighte
 round-robin gives (weights 5,1,1: five a, one b, one c in each seven, no run of
 b or c), computed with a heap instead of a pass over every peer.
 
+Session affinity: HashRing, consistent hashing of a request's key (a cookie, a header).
+
 Load-aware choices (``Balancing``): least_request and peak_ewma draw two instances at
 random and take the less loaded (power of two choices), slow start ramps a new
 instance's weight; the store applies them (registry.core.store.Registry.pick).
@@ -17,6 +19,8 @@ instance's weight; the store applies them (registry.core.store.Registry.pick).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import heapq
 import math
 import random
@@ -161,3 +165,43 @@ def two_choices(
         j += 1
     first, second = peers[i], peers[j]
     return second if better(second, first) else first
+
+
+VNODES: Final = 40  # points on the ring per unit of weight
+
+
+def ring_hash(data: bytes) -> int:
+    """64 bits of BLAKE2b: the same in every process (unlike hash()), well spread."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class HashRing(Generic[P]):
+    """Consistent hashing: each peer owns VNODES x weight points on a ring of 64-bit
+    hashes, placed by its id alone; a key goes to the peer of the first point at or after
+    its hash. A peer that joins or leaves moves only the keys of its own points: every
+    other key keeps its peer. Build a new ring when the set or a weight changes."""
+
+    __slots__ = ("_hashes", "_peers")
+
+    def __init__(self, peers: Sequence[P]) -> None:
+        points = sorted(
+            (
+                (ring_hash(b"%s#%d" % (peer.id.encode(), k)), position, peer)
+                for position, peer in enumerate(peers)
+                for k in range(VNODES * peer.weight)
+            ),
+            key=lambda point: (point[0], point[1]),
+        )
+        self._hashes = [point[0] for point in points]
+        self._peers = [point[2] for point in points]
+
+    def pick(self, key: bytes, exclude: Collection[str] = ()) -> P | None:
+        """The key's peer; a retry (``exclude``) walks on to the next peer on the ring."""
+        peers = self._peers
+        count = len(peers)
+        start = bisect.bisect_left(self._hashes, ring_hash(key))
+        for step in range(count):
+            peer = peers[(start + step) % count]
+            if peer.id not in exclude:
+                return peer
+        return None

@@ -16,6 +16,7 @@ from registry.core.balancer import (
     LEAST_REQUEST,
     PEAK_EWMA,
     Balancing,
+    HashRing,
     PeakEwma,
     WeightedRoundRobin,
     ramp,
@@ -70,6 +71,7 @@ class _Service:
         "ramp_until",
         "built_at",
         "clock",
+        "ring",
     )
 
     def __init__(self, name: str, clock: Clock) -> None:
@@ -88,6 +90,7 @@ class _Service:
         self.since: dict[str, float] = {}  # id -> when it last became routable (slow start)
         self.ramp_until = 0.0  # till then some instance is in its slow start
         self.built_at = 0.0  # when the schedule was built (rebuilt while ramping)
+        self.ring: HashRing[Instance] | None = None  # session affinity's, built when asked
 
     def track(self, instance: Instance) -> None:
         state = instance_state(instance)
@@ -108,14 +111,14 @@ class _Service:
             self.positions[instance.id] = len(self.routable)
             self.routable.append(instance)
             self.weights[weight] = self.weights.get(weight, 0) + 1
-        self.schedule = None
+        self.schedule = self.ring = None
 
     def untrack(self, instance_id: str) -> None:
         before = self.counted.pop(instance_id, None)
         self.since.pop(instance_id, None)
         if before is not None:
             self._uncount(instance_id, before)
-            self.schedule = None
+            self.schedule = self.ring = None
 
     def _uncount(self, instance_id: str, counted: tuple[str, int]) -> None:
         state, weight = counted
@@ -502,6 +505,24 @@ class Registry:
             if expires_at is not None and expires_at <= self.clock():
                 self._remove(service, chosen, "evicted")
                 return self.pick(name, exclude)
+        return chosen
+
+    def pick_by_key(self, name: str, key: bytes, exclude: Collection[str] = ()) -> Instance | None:
+        """Session affinity: the routable instance ``key`` hashes to on the service's ring
+        (consistent hashing: instances that stay keep their keys when others come and go);
+        a retry walks on to the next instance. Leases are checked as ``pick`` does."""
+        service = self._services.get(name)
+        if service is None or not service.routable:
+            return None
+        ring = service.ring
+        if ring is None:
+            ring = service.ring = HashRing(service.routable)
+        chosen = ring.pick(key, exclude)
+        if chosen is not None:
+            expires_at = chosen.expires_at
+            if expires_at is not None and expires_at <= self.clock():
+                self._remove(service, chosen, "evicted")
+                return self.pick_by_key(name, key, exclude)
         return chosen
 
     def _balanced(
