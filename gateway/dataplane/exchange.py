@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
 from gateway.dataplane.affinity import request_key
@@ -141,7 +142,8 @@ class Exchange:
         self.url = url
         self.http11 = http11
         self.keep_alive = keep_alive
-        self.started = proxy.loop.time()
+        self.started = proxy.loop.time()  # for deadlines (the loop's clock, ms under uvloop)
+        self.timer = perf_counter()  # for durations: what the metrics and the log report
         self.request_id = head.request_id_or_new()
         self.stats: RouteStats = proxy.stats.unmatched
         self.has_body = head.has_body
@@ -505,7 +507,7 @@ class Exchange:
         if instance is not None:
             latency = instance.latency  # peak_ewma's: time to the response head
             if latency is not None:
-                latency.observe(self.proxy.loop.time() - self.started, self.proxy.registry.clock())
+                latency.observe(perf_counter() - self.timer, self.proxy.registry.clock())
             if status >= 500:
                 self.proxy.outliers.failed(instance, server_error=True)
             else:
@@ -710,7 +712,7 @@ class Exchange:
         self._end_attempt()
         if self.service is not None:
             self.service.in_flight -= 1
-        seconds = self.proxy.loop.time() - self.started
+        seconds = perf_counter() - self.timer
         method = self.proxy.method_label(self.method)
         stats = self.stats
         stats.observe(method, status, seconds, self.bytes_in, self.bytes_out)

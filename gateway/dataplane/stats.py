@@ -27,7 +27,13 @@ UPSTREAM_ERROR_REASONS: Final = (CONNECT, TIMEOUT, RESET, PROTOCOL)
 MAX_REQUESTS: Final = "max_requests"  # every routable instance had that many in flight
 MAX_PENDING: Final = "max_pending"  # the service had that many in flight
 LIMITS: Final = (MAX_REQUESTS, MAX_PENDING)
+# Request durations, from a quarter of a millisecond (a local upstream answers in well
+# under one) to a minute.
 BUCKETS: Final[tuple[float, ...]] = (
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
     0.005,
     0.01,
     0.025,
