@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 from gateway.dataplane.pool import UpstreamConnection
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from gateway.config.model import RateLimitConfig, RouteConfig
     from gateway.dataplane.context import ProxyContext
     from gateway.dataplane.listener import ClientConnection
+    from gateway.dataplane.split import Subset
     from registry.core.models import Instance
 
 log = logging.getLogger("gateway.proxy")
@@ -102,6 +104,7 @@ class Exchange:
     service: ServiceStats | None = None
     instance: Instance | None = None
     tried: list[str] | None = None
+    subset: Subset | None = None  # of the route's canary split, chosen once per request
     upstream: UpstreamConnection | None = None
     buffer: list[bytes] | None = None  # body read before an upstream took the request
     buffered = 0  # body bytes seen, for max_body
@@ -168,7 +171,7 @@ class Exchange:
             else:
                 raw_path, query, host = self.proxy.absolute_form(url)
                 self.authority = host
-            route, target, stats = self.proxy.resolve(host, raw_path)
+            route, target, stats, split = self.proxy.resolve(host, raw_path)
             length = head.content_length
             if length is not None and route.max_body is not None and int(length) > route.max_body:
                 raise HeaderError(
@@ -195,6 +198,8 @@ class Exchange:
         self.service = service
         service.in_flight += 1
         service.requests += 1
+        if split is not None:
+            self.subset = split.choose(head.value_of(split.header))
         self._attempt(now)
 
     def _rate_limited(self, route: RouteConfig, limit: RateLimitConfig, stats: RouteStats) -> bool:
@@ -294,7 +299,11 @@ class Exchange:
         assert route is not None and service is not None
         proxy = self.proxy
         tried = self.tried
-        instance = proxy.registry.pick(route.service, tried or ())
+        subset = self.subset
+        if subset is None:
+            instance = proxy.registry.pick(route.service, tried or ())
+        else:
+            instance = self._pick_in(subset, route.service, tried or ())
         limit = service.max_requests
         if limit and instance is not None and instance.in_flight >= limit:
             instance = self._pick_below(route.service, instance, limit)
@@ -336,10 +345,21 @@ class Exchange:
         (``full`` has that many), skipping full ones and those tried; None if all are full."""
         skip = set(self.tried or ())
         instance: Instance | None = full
+        subset = self.subset
         while instance is not None and instance.in_flight >= limit:
             skip.add(instance.id)
-            instance = self.proxy.registry.pick(name, skip)
+            if subset is None:
+                instance = self.proxy.registry.pick(name, skip)
+            else:
+                instance = self._pick_in(subset, name, skip)
         return instance
+
+    def _pick_in(self, subset: Subset, name: str, exclude: Collection[str]) -> Instance | None:
+        """An instance of the request's canary subset not in ``exclude`` (retries stay in
+        it), else, when it has none left, any instance of the service (the fallback)."""
+        registry = self.proxy.registry
+        instance = registry.pick_matching(name, subset.selector, exclude)
+        return instance if instance is not None else registry.pick(name, exclude)
 
     def _overloaded(self, service: ServiceStats, limit: str, message: str) -> None:
         """503 overloaded at once, never queued: ``service`` is at its ``limit``."""
