@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from gateway.config.describe import describe_routes
 from gateway.config.loader import load_config, parse_config
 from gateway.config.model import ConfigError, SplitConfig
 from gateway.dataplane.split import Split
@@ -381,3 +382,10 @@ async def test_a_route_without_split_ignores_metadata_and_header(
     assert seen == {"canary-a": 2, "canary-b": 2, "stable": 2}
     async with gw.session.get(f"{gw.admin_url}/routes") as response:
         assert "split" not in (await response.json())["routes"][0]
+
+
+def test_gateway_check_shows_the_split() -> None:
+    text = SPLIT % (10, 90) + "    split_header: X-Beta\n"
+    assert describe_routes(parse_config(text)) == [
+        "*  /  -> web  split=version=2:10,version=1:90,header=X-Beta"
+    ]
