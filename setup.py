@@ -37,6 +37,7 @@ COMPILED = [
     "gateway/dataplane/pool.py",
     "gateway/dataplane/ratelimit.py",
     "gateway/dataplane/routing.py",
+    "gateway/dataplane/split.py",
     "gateway/dataplane/stats.py",
     "gateway/dataplane/wire.py",
     "registry/core/balancer.py",

@@ -36,6 +36,7 @@ DATAPLANE = modules_under("gateway/dataplane")
 PURE = [
     *modules_under("registry/core"),
     "gateway.dataplane.routing",
+    "gateway.dataplane.split",
     "gateway.dataplane.wire",
     "gateway.dataplane.stats",
     "gateway.config.model",

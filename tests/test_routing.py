@@ -15,6 +15,8 @@ class Route:
     service: str
     host: str | None = None
     strip_prefix: bool = False
+    split: tuple[object, ...] = ()
+    split_header: str = "X-Canary"
 
 
 def routed(table: RouteTable, path: str, host: str | None = None) -> str | None:

@@ -74,6 +74,10 @@ def _route_options(route: RouteConfig, proxy: ProxySettings) -> str:
     if limit is not None:
         by = f",by={limit.header}" if limit.header else ""
         options.append(f"rate_limit={limit.average:g}/s,burst={limit.burst}{by}")
+    if route.split:
+        subsets = ",".join(f"{subset.label}:{subset.weight}" for subset in route.split)
+        header = "" if route.split_header == "X-Canary" else f",header={route.split_header}"
+        options.append(f"split={subsets}{header}")
     return " ".join(options)
 
 

@@ -35,6 +35,7 @@ from gateway.config.model import (
     RegistryConfig,
     RouteConfig,
     ServiceConfig,
+    SplitConfig,
     TlsConfig,
     TokenConfig,
     parse_listen,
@@ -462,8 +463,12 @@ def _routes(reader: _Reader, node: Node | None, proxy: ProxySettings) -> tuple[R
             rate_limit=_rate_limit(
                 reader.section(s.node("rate_limit"), s.path("rate_limit"), _RATE_LIMIT_KEYS)
             ),  # fmt: skip
+            split=_split(reader, s.node("split"), s.path("split")),
+            split_header=s.get("split_header", RouteConfig.split_header, _header_name),
             line=item.start_mark.line + 1,
         )
+        if route.split_header != RouteConfig.split_header and not route.split:
+            s.error("split_header", "is for split (set split: too)")
         if len(reader.errors) > errors_before:
             continue  # a route with mistakes is reported once, not again as a duplicate
         key = (route.host, route.prefix)
@@ -477,6 +482,67 @@ def _routes(reader: _Reader, node: Node | None, proxy: ProxySettings) -> tuple[R
         first_lines[key] = route.line
         routes.append(route)
     return tuple(routes)
+
+
+_SPLIT_KEYS = ("metadata", "weight")
+
+
+def _split(reader: _Reader, node: Node | None, where: str) -> tuple[SplitConfig, ...]:
+    """``[{metadata: {version: "2"}, weight: 10}, {metadata: {version: "1"}, weight: 90}]``:
+    the first subset is the canary; weights 0..100, at least one above 0."""
+    if node is None:
+        return ()
+    subsets: list[SplitConfig] = []
+    first_lines: dict[tuple[tuple[str, str], ...], int] = {}
+    items = reader.items(node, where)
+    if isinstance(node, SequenceNode) and not items:
+        reader.error(
+            node, where, 'list at least one subset, like {metadata: {version: "2"}, weight: 10}'
+        )
+    for index, item in enumerate(items):
+        s = reader.section(item, f"{where}[{index}]", _SPLIT_KEYS)
+        if s.mapping is None:  # not a mapping (reported) or null
+            if item.tag == _NULL_TAG:
+                reader.error(item, f"{where}[{index}]", "expected {metadata: {...}, weight: N}")
+            continue
+        s.require("metadata")
+        s.require("weight")
+        metadata = _split_metadata(reader, s.node("metadata"), s.path("metadata"))
+        weight = s.get("weight", -1, _split_weight, (int,), "an integer 0..100")
+        line = item.start_mark.line + 1
+        if metadata in first_lines:
+            s.error("metadata", f"duplicate subset (first on line {first_lines[metadata]})")
+        elif metadata and weight >= 0:
+            first_lines[metadata] = line
+            subsets.append(SplitConfig(metadata, weight, line))
+    if len(subsets) == len(items) and items and not any(subset.weight for subset in subsets):
+        reader.error(node, where, "every weight is 0: give at least one subset a weight above 0")
+    return tuple(subsets)
+
+
+def _split_metadata(reader: _Reader, node: Node | None, where: str) -> tuple[tuple[str, str], ...]:
+    """A subset's metadata: string to string, at least one pair; sorted by key."""
+    if node is None:
+        return ()
+    pairs = []
+    entries = reader.entries(node, where)
+    for key, _, value_node in entries:
+        value = reader.convert(
+            value_node, f"{where}.{key}", None, str, (str,), 'a string (quote numbers: "2")'
+        )
+        if value is not None:
+            pairs.append((key, value))
+    if isinstance(node, MappingNode) and not entries:
+        reader.error(node, where, 'name at least one key, like {version: "2"}')
+    if len(pairs) != len(entries) or not pairs:
+        return ()
+    return tuple(sorted(pairs))
+
+
+def _split_weight(value: int) -> int:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be an integer in 0..100, got {value}")
+    return value
 
 
 _RATE_LIMIT_KEYS = ("average", "burst", "by", "header")

@@ -105,6 +105,21 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """One subset of a route's split: the instances whose metadata has all of
+    ``metadata`` (sorted (key, value) pairs, a registry Selector), and its weight."""
+
+    metadata: tuple[tuple[str, str], ...]
+    weight: int  # 0..100, relative to the route's other subsets
+    line: int = 0
+
+    @property
+    def label(self) -> str:
+        """The subset as configured, ``version=2,zone=a``: its name in logs and metrics."""
+        return ",".join(f"{key}={value}" for key, value in self.metadata)
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     prefix: str
     service: str
@@ -116,6 +131,10 @@ class RouteConfig:
     retries: int = 2
     max_body: int | None = None
     rate_limit: RateLimitConfig | None = None
+    # Canary split by instance metadata: the first subset is the canary (split_header:
+    # always / never); empty: every instance of the service, as without a split.
+    split: tuple[SplitConfig, ...] = ()
+    split_header: str = "X-Canary"
     line: int = 0
 
     @cached_property

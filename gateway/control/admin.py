@@ -178,20 +178,24 @@ def _route_fragments(routes: Sequence[RouteSpec]) -> list[tuple[str, str]]:
     """Each route's JSON object up to its counts, with its service: encoded once a table
     (a listing of 10,000 routes took 45 ms on the loop, each time)."""
     return [
-        (
-            json.dumps(
-                {
-                    "host": route.host,
-                    "prefix": route.prefix,
-                    "service": route.service,
-                    "strip_prefix": route.strip_prefix,
-                }
-            )[:-1]
-            + ', "instances": ',
-            route.service,
-        )
-        for route in routes
+        (json.dumps(_route_head(route))[:-1] + ', "instances": ', route.service) for route in routes
     ]
+
+
+def _route_head(route: RouteSpec) -> dict[str, object]:
+    """What /routes lists of a route besides its counts (a canary split only if it has one)."""
+    head: dict[str, object] = {
+        "host": route.host,
+        "prefix": route.prefix,
+        "service": route.service,
+        "strip_prefix": route.strip_prefix,
+    }
+    if route.split:
+        head["split"] = [
+            {"metadata": dict(subset.metadata), "weight": subset.weight} for subset in route.split
+        ]
+        head["split_header"] = route.split_header
+    return head
 
 
 def build_admin_app(

@@ -22,6 +22,10 @@ from registry.core.store import Registry
 if TYPE_CHECKING:
     from gateway.config.model import ProxySettings, RateLimitConfig, RouteConfig
     from gateway.dataplane.exchange import Exchange
+    from gateway.dataplane.split import Split
+
+    # What resolve answers: the route, the path to send upstream, its stats, its split.
+    Resolved = tuple[RouteConfig, bytes, RouteStats, Split | None]
 
 ROUTE_CACHE_SIZE: Final = 4096
 
@@ -44,7 +48,7 @@ class ProxyContext:
         self.affinities: Affinities = {}  # services with session affinity, by their key
         self.loop = asyncio.get_running_loop()
         self._method_labels: dict[bytes, str] = {}
-        self._routes: dict[tuple[bytes | None, bytes], tuple[RouteConfig, bytes, RouteStats]] = {}
+        self._routes: dict[tuple[bytes | None, bytes], Resolved] = {}
         # Per route with a rate_limit: its clients' buckets (kept across reloads while the
         # route and its limit stay the same).
         self._limits: dict[tuple[str | None, str, RateLimitConfig], TokenBuckets] = {}
@@ -60,8 +64,9 @@ class ProxyContext:
         self._table = table
         self._routes = {}
 
-    def resolve(self, host: bytes | None, raw_path: bytes) -> tuple[RouteConfig, bytes, RouteStats]:
-        """The route for a Host and raw path, the path to send upstream, the route's stats.
+    def resolve(self, host: bytes | None, raw_path: bytes) -> Resolved:
+        """The route for a Host and raw path, the path to send upstream, the route's stats
+        and its canary split (None without one).
 
         Answers are cached per (Host, path): most traffic repeats a few paths.
         """
@@ -79,7 +84,7 @@ class ProxyContext:
             raise HeaderError(404, "no_route", f"no route for {path}")
         route: RouteConfig = match.route  # type: ignore[assignment]
         stats = self.stats.route(route.prefix, route.service)
-        found = (route, match.upstream_path.encode("latin-1"), stats)
+        found = (route, match.upstream_path.encode("latin-1"), stats, self._table.split(route))
         if len(self._routes) >= ROUTE_CACHE_SIZE:
             self._routes.clear()
         self._routes[key] = found

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from gateway.config.model import RateLimitConfig, RouteConfig
     from gateway.dataplane.context import ProxyContext
     from gateway.dataplane.listener import ClientConnection
+    from gateway.dataplane.split import Subset
     from registry.core.models import Instance
 
 log = logging.getLogger("gateway.proxy")
@@ -104,6 +106,7 @@ class Exchange:
     service: ServiceStats | None = None
     instance: Instance | None = None
     tried: list[str] | None = None
+    subset: Subset | None = None  # of the route's canary split, chosen once per request
     upstream: UpstreamConnection | None = None
     buffer: list[bytes] | None = None  # body read before an upstream took the request
     buffered = 0  # body bytes seen, for max_body
@@ -171,7 +174,7 @@ class Exchange:
             else:
                 raw_path, query, host = self.proxy.absolute_form(url)
                 self.authority = host
-            route, target, stats = self.proxy.resolve(host, raw_path)
+            route, target, stats, split = self.proxy.resolve(host, raw_path)
             length = head.content_length
             if length is not None and route.max_body is not None and int(length) > route.max_body:
                 raise HeaderError(
@@ -198,6 +201,8 @@ class Exchange:
         self.service = service
         service.in_flight += 1
         service.requests += 1
+        if split is not None:
+            self.subset = split.choose(head.value_of(split.header))
         self._attempt(now)
 
     def _rate_limited(self, route: RouteConfig, limit: RateLimitConfig, stats: RouteStats) -> bool:
@@ -297,12 +302,15 @@ class Exchange:
         assert route is not None and service is not None
         proxy = self.proxy
         tried = self.tried
+        subset = self.subset
         key = None
-        if proxy.affinities:
+        if subset is None and proxy.affinities:  # a route's split goes first
             affinity = proxy.affinities.get(route.service)
             if affinity is not None:
                 key = request_key(self.head, affinity[0], affinity[1])
-        if key is None:
+        if subset is not None:
+            instance = self._pick_in(subset, route.service, tried or ())
+        elif key is None:
             instance = proxy.registry.pick(route.service, tried or ())
         else:
             instance = proxy.registry.pick_by_key(route.service, key, tried or ())
@@ -347,10 +355,21 @@ class Exchange:
         (``full`` has that many), skipping full ones and those tried; None if all are full."""
         skip = set(self.tried or ())
         instance: Instance | None = full
+        subset = self.subset
         while instance is not None and instance.in_flight >= limit:
             skip.add(instance.id)
-            instance = self.proxy.registry.pick(name, skip)
+            if subset is None:
+                instance = self.proxy.registry.pick(name, skip)
+            else:
+                instance = self._pick_in(subset, name, skip)
         return instance
+
+    def _pick_in(self, subset: Subset, name: str, exclude: Collection[str]) -> Instance | None:
+        """An instance of the request's canary subset not in ``exclude`` (retries stay in
+        it), else, when it has none left, any instance of the service (the fallback)."""
+        registry = self.proxy.registry
+        instance = registry.pick_matching(name, subset.selector, exclude)
+        return instance if instance is not None else registry.pick(name, exclude)
 
     def _overloaded(self, service: ServiceStats, limit: str, message: str) -> None:
         """503 overloaded at once, never queued: ``service`` is at its ``limit``."""

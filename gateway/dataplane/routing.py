@@ -7,9 +7,11 @@ path's depth, not on the number of routes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from gateway.dataplane.split import Split, SplitSpec
 
 
 class BadPath(ValueError):
@@ -27,6 +29,10 @@ class RouteSpec(Protocol):
     def host(self) -> str | None: ...
     @property
     def strip_prefix(self) -> bool: ...
+    @property
+    def split(self) -> Sequence[SplitSpec]: ...
+    @property
+    def split_header(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,17 @@ class RouteTable:
                 else self._by_host.setdefault(route.host.lower(), {})
             )
             table.setdefault(_key(route.prefix), route)
+        # Each route's canary split: its schedule lives as long as this table, so a
+        # reload's new weights apply from the new table's first request.
+        self._splits: dict[tuple[str | None, str], Split] = {
+            (route.host, route.prefix): Split(route.split, route.split_header)
+            for route in self.routes
+            if route.split
+        }
+
+    def split(self, route: RouteSpec) -> Split | None:
+        """The canary split of one of this table's routes; None for a route without one."""
+        return self._splits.get((route.host, route.prefix)) if self._splits else None
 
     def match(self, host: str | None, path: str) -> Match | None:
         """Longest prefix on a segment boundary; for equal prefixes a route for the host wins.

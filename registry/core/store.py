@@ -45,6 +45,10 @@ RAMP_STEP: Final = 1.0  # seconds between two round-robin schedules of a slow st
 # (event, service, instance); event is one of EVENTS
 Listener = Callable[[str, str, Instance], None]
 EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted")
+# A subset of a service's instances: the (key, value) pairs of metadata they all have,
+# sorted by key (see selector()).
+Selector = tuple[tuple[str, str], ...]
+MATCHING_CACHE_SIZE: Final = 4096  # (service, selector) lists kept for pick_matching
 
 
 class _Service:
@@ -137,6 +141,28 @@ class _Service:
             del self.weights[weight]
 
 
+class _Matching:
+    """The routable instances of one service that match one selector, as of the
+    service's change ``index``: rebuilt at the first pick after any change."""
+
+    __slots__ = ("index", "members", "schedule", "turn")
+
+    def __init__(self, index: int, members: list[Instance]) -> None:
+        self.index = index
+        self.members = members
+        weights = {instance.weight for instance in members}
+        # None: equal weights, a plain rotation is the same order
+        self.schedule: WeightedRoundRobin[Instance] | None = (
+            WeightedRoundRobin(members) if len(weights) > 1 else None
+        )
+        self.turn = 0
+
+
+def selector(metadata: Mapping[str, str]) -> Selector:
+    """The Selector of instances whose metadata has all of ``metadata``'s pairs."""
+    return tuple(sorted(metadata.items()))
+
+
 class Registry:
     def __init__(
         self,
@@ -161,6 +187,7 @@ class Registry:
         self.rng = random.Random()  # the load-aware balancers' draws (tests seed it)
         # Addresses registrations may name, and the caps (set by the gateway; None: any).
         self.policy: AddressPolicy | None = None
+        self._matching: dict[tuple[str, Selector], _Matching] = {}  # pick_matching
 
     # -- observation -------------------------------------------------------
 
@@ -569,6 +596,47 @@ class Registry:
             service.built_at = now
         return schedule.pick(exclude)
 
+    def pick_matching(
+        self, name: str, metadata: Selector, exclude: Collection[str] = ()
+    ) -> Instance | None:
+        """Next instance, by weighted round-robin, among the routable ones whose metadata
+        has every (key, value) of ``metadata`` (a Selector); None when none is left.
+
+        The matching list is kept per (service, selector) and rebuilt at the first pick
+        after any change of the service (its index moves with every registration,
+        update, metadata PATCH, health verdict and removal), so a pick costs no pass
+        over the instances unless the service changed since the last one.
+        """
+        service = self._services.get(name)
+        if service is None:
+            return None
+        key = (name, metadata)
+        matching = self._matching.get(key)
+        if matching is None or matching.index != service.index:
+            if len(self._matching) >= MATCHING_CACHE_SIZE:
+                self._matching.clear()
+            members = [i for i in service.routable if _has_all(i.metadata, metadata)]
+            matching = self._matching[key] = _Matching(service.index, members)
+        members = matching.members
+        chosen: Instance | None = None
+        if matching.schedule is not None:
+            chosen = matching.schedule.pick(exclude)
+        else:
+            count = len(members)
+            for _ in range(count):  # a retry skips the instances it tried already
+                turn = matching.turn
+                matching.turn = turn + 1
+                instance = members[turn % count]
+                if instance.id not in exclude:
+                    chosen = instance
+                    break
+        if chosen is not None:
+            expires_at = chosen.expires_at
+            if expires_at is not None and expires_at <= self.clock():
+                self._remove(service, chosen, "evicted")  # the service changes: rebuilt
+                return self.pick_matching(name, metadata, exclude)
+        return chosen
+
     def set_balancing(self, balancings: Mapping[str, Balancing]) -> None:
         """Each service's Balancing (from routes.yaml); services not named: round-robin."""
         for name in balancings.keys() | {n for n, s in self._services.items() if s.balancing}:
@@ -623,3 +691,7 @@ class Registry:
         service.untrack(instance.id)
         self._changed(service)
         self._emit(event, instance)
+
+
+def _has_all(metadata: Mapping[str, str], wanted: Selector) -> bool:
+    return all(metadata.get(key) == value for key, value in wanted)
