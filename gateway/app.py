@@ -21,6 +21,7 @@ from gateway.config.describe import ignored_settings
 from gateway.config.model import Config, ConfigError, HealthCheckConfig
 from gateway.control.admin import build_admin_app
 from gateway.control.auth import tokens_from
+from gateway.control.changelog import log_changes
 from gateway.control.health import HealthChecker
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.reload import FileWatcher, load_off_loop
@@ -106,6 +107,7 @@ class Gateway:
         )
         self._apply_services(config, previous=None)
         self.backend = _backend(config, self.registry)
+        log_changes(self.registry)  # after the snapshot's restore: those are not changes
         self.health = HealthChecker(self.registry, _checks(config))
         self.metrics = GatewayMetrics(self.registry)
         self.metrics.config_loaded()

@@ -297,6 +297,7 @@ class GatewayProcess:
     process: asyncio.subprocess.Process
     proxy_url: str
     admin_url: str
+    ready_line: str  # the log line that said it listens
 
 
 async def start_gateway_process(cwd: Path, *extra: str, stdout: bool = False) -> GatewayProcess:
@@ -321,6 +322,7 @@ async def start_gateway_process(cwd: Path, *extra: str, stdout: bool = False) ->
                 process,
                 f"http://127.0.0.1:{found.group(1)}",
                 f"http://127.0.0.1:{found.group(2)}",
+                line,
             )
 
 

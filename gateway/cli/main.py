@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from gateway.config.describe import describe_routes
@@ -87,13 +88,22 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def _log_to_stderr(level: str, tag: str) -> None:
+    """Log lines on stderr, stamped in UTC as the API's times are: 2026-12-04T05:01:02.345Z."""
+    handler = logging.StreamHandler()
+    formatter = logging.Formatter(
+        f"%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s{tag}: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway, StartupError, run
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _log_to_stderr(args.log_level, "")
     config = _load(args.config)
     if config is None:
         return 1
@@ -119,10 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from gateway.app import run_loop
     from gateway.control.workers import run_worker
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
-    )
+    _log_to_stderr(args.log_level, "[worker]")
     config = _load(args.config)
     if config is None:
         return 1

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.control.auth import READS, Token, audit_line, check, identify
+from gateway.control.changelog import ACTOR, actor
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.openapi import document
 from gateway.control.status import render
@@ -70,15 +71,20 @@ async def bearer_token(request: web.Request, handler: Handler) -> web.StreamResp
     tokens = request.app[TOKENS]
     service = request.match_info.get("service")
     name = None
+    acting = None
     try:
         if tokens:
             token = identify(tokens, request.headers.get("Authorization", ""))
             name = token.name
             check(token, request.method, service)
+        acting = ACTOR.set(actor(request.remote, name))
         response = await handler(request)
     except ApiError as error:
         _audit(request, name, service, error.status)
         raise
+    finally:
+        if acting is not None:
+            ACTOR.reset(acting)
     _audit(request, name, service, response.status)
     return response
 

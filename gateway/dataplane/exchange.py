@@ -456,13 +456,14 @@ class Exchange:
         if instance is not None and reason in (CONNECT, TIMEOUT):
             self.proxy.outliers.failed(instance)
         log.warning(
-            "%s %s -> %s/%s: %s: %s",
+            "%s %s -> %s/%s: %s: %s (request %s)",
             self.method.decode("latin-1"),
             self.target.decode("latin-1"),
             self.route.service,
             instance.id if instance else "-",
             reason,
             error,
+            self.request_id.decode("latin-1"),
         )
         self._end_attempt()
         self.last_reason = self.error = reason
@@ -646,7 +647,13 @@ class Exchange:
             assert self.service is not None
             self.service.errors[reason] += 1
             self.error = reason
-            log.warning("upstream %s failed mid-body: %s", (self.tried or ["-"])[-1], error)
+            log.warning(
+                "%s/%s failed mid-body: %s (request %s)",
+                self.service.name,
+                (self.tried or ["-"])[-1],
+                error,
+                self.request_id.decode("latin-1"),
+            )
             if self.pending is not None:
                 self.client.write(self.pending)
                 self.pending = None
