@@ -697,6 +697,8 @@ def test_unhealthy_instances_are_not_picked(registry: Registry) -> None:
     registry.set_health("users", a.id, "ejected")
     assert set(picked_ids(registry, "users", 6)) == {b.id}
     registry.set_health("users", b.id, "failing")
+    assert registry.pick("users") is not None  # no healthy one: panic (tests/test_failstatic.py)
+    registry.set_panic_thresholds({"users": 0.0})
     assert registry.pick("users") is None
     registry.set_health("users", a.id, "healthy")
     assert set(picked_ids(registry, "users", 3)) == {a.id}
