@@ -574,7 +574,7 @@ class Registry:
             return None
         routable = service.routable
         count = len(routable)
-        if count < service.panic_threshold * len(service.live_up):
+        if count < len(service.live_up) and service.in_panic():  # an int test first: cheap
             return self._panic_pick(service, exclude)
         if count == 0:
             return None
