@@ -204,8 +204,8 @@ class Registry:
         self.rng = random.Random()  # the load-aware balancers' draws (tests seed it)
         # Addresses registrations may name, and the caps (set by the gateway; None: any).
         self.policy: AddressPolicy | None = None
-        # The share of a service's leased instances that may end in one sweep before the
-        # rest are kept (registry.self_preservation; 0: off).
+        # The share of a service's leased instances that may end in one sweep and be
+        # evicted; more are kept (registry.self_preservation; 0: off).
         self.self_preservation = SELF_PRESERVATION
 
     # -- observation -------------------------------------------------------
