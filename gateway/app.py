@@ -186,8 +186,8 @@ class Gateway:
 
     def _apply_services(self, config: Config, previous: Config | None) -> None:
         """Make the config's services known, their static instances registered and their
-        balancing set; static instances of services the previous config had and this one
-        drops go."""
+        balancing set, with panic thresholds and self-preservation; static instances of
+        services the previous config had and this one drops go."""
         for name in dict.fromkeys(route.service for route in config.routes):
             self.registry.declare(name)
         for name, service in config.services.items():
@@ -197,6 +197,8 @@ class Gateway:
             for name in set(previous.services) - set(config.services):
                 self.registry.set_static(name, ())
         self.registry.set_balancing(config.balancings())
+        self.registry.set_panic_thresholds(config.panic_thresholds())
+        self.registry.self_preservation = config.registry.self_preservation
 
     async def reload(self) -> bool:
         """Load the config file again; a valid one replaces the routing table atomically.

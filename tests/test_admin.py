@@ -72,6 +72,7 @@ async def test_routes_lists_the_table_with_counts(gateway_factory):
             "strip_prefix": False,
             "instances": 0,
             "healthy": 0,
+            "panic": False,
         },
         {
             "host": None,
@@ -80,6 +81,7 @@ async def test_routes_lists_the_table_with_counts(gateway_factory):
             "strip_prefix": True,
             "instances": 2,
             "healthy": 1,
+            "panic": False,
         },
         {
             "host": "example.com",
@@ -88,6 +90,7 @@ async def test_routes_lists_the_table_with_counts(gateway_factory):
             "strip_prefix": False,
             "instances": 0,
             "healthy": 0,
+            "panic": False,
         },
     ]
 

@@ -62,12 +62,13 @@ _REGISTRY_KEYS = (
     "allow_loopback",
     "max_instances",
     "max_instances_per_service",
+    "self_preservation",
 )
 _PROXY_KEYS = tuple(ProxySettings.__dataclass_fields__)
 _ROUTE_KEYS = tuple(k for k in RouteConfig.__dataclass_fields__ if k != "line")
 _SERVICE_KEYS = (
     "instances", "health_check", "outlier", "balancer", "slow_start", "max_requests",
-    "max_pending", "affinity",
+    "max_pending", "affinity", "panic_threshold",
 )  # fmt: skip
 _HEALTH_KEYS = tuple(HealthCheckConfig.__dataclass_fields__)
 _OUTLIER_KEYS = tuple(OutlierConfig.__dataclass_fields__)
@@ -405,6 +406,13 @@ def _registry(s: _Section, base_dir: Path | None) -> RegistryConfig:
         max_instances_per_service=s.integer(
             "max_instances_per_service", RegistryConfig.max_instances_per_service, 1
         ),
+        self_preservation=s.get(
+            "self_preservation",
+            RegistryConfig.self_preservation,
+            _share_or_off,
+            (str, int, float, bool),
+            "a percentage like 50% or off",
+        ),
     )
 
 
@@ -604,9 +612,24 @@ def _services(reader: _Reader, node: Node | None) -> dict[str, ServiceConfig]:
         max_requests = s.get("max_requests", None, _positive_int, (int,), "an integer")
         max_pending = s.get("max_pending", None, _positive_int, (int,), "an integer")
         affinity = _affinity(reader.section(s.node("affinity"), s.path("affinity"), _AFFINITY_KEYS))
+        panic_threshold = s.get(
+            "panic_threshold",
+            ServiceConfig.panic_threshold,
+            _fraction,
+            (str, int, float),
+            "a number",
+        )
         if name is not None:
             services[name] = ServiceConfig(
-                name, instances, health, outlier, balancing, max_requests, max_pending, affinity
+                name,
+                instances,
+                health,
+                outlier,
+                balancing,
+                max_requests,
+                max_pending,
+                affinity,
+                panic_threshold,
             )
     return services
 
@@ -768,6 +791,15 @@ def _fraction(value: str | float) -> float:
     if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         raise ValueError(f"use a percentage like 50% or a fraction 0..1, got {value!r}")
     return float(fraction)
+
+
+def _share_or_off(value: str | float) -> float:
+    """A _fraction, or off (0); YAML reads a bare ``off`` as false."""
+    if value is False or value == "off":
+        return 0.0
+    if value is True:
+        raise ValueError("use a percentage like 50% or off, got true")
+    return _fraction(value)
 
 
 def _parse_address(text: str) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from registry.core.balancer import Balancing
 from registry.core.errors import InvalidField
 from registry.core.models import validate_host
 from registry.core.policy import AddressPolicy, is_loopback
+from registry.core.store import PANIC_THRESHOLD, SELF_PRESERVATION
 
 
 class ConfigError(Exception):
@@ -61,6 +62,8 @@ class ServiceConfig:
     max_requests: int | None = None  # requests in flight to any one instance
     max_pending: int | None = None  # requests in flight to the service as a whole
     affinity: AffinityConfig | None = None  # session affinity: a request key, hashed
+    # Fail static: below this share of healthy instances, route over all up ones (0: off).
+    panic_threshold: float = PANIC_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,8 @@ class RegistryConfig:
     allow_loopback: bool = False  # loopback registrations with the admin off loopback
     max_instances: int = 10_000
     max_instances_per_service: int = 1_000
+    # Fail static: more than this share of a service's leases ending in one sweep are kept.
+    self_preservation: float = SELF_PRESERVATION
 
     def address_policy(self, proxy: tuple[str, int], admin: tuple[str, int]) -> AddressPolicy:
         """What registrations may name (and what names may resolve to): never the
@@ -204,6 +209,10 @@ class Config:
     def balancings(self) -> dict[str, Balancing]:
         """Each configured service's Balancing, for Registry.set_balancing."""
         return {name: service.balancing for name, service in self.services.items()}
+
+    def panic_thresholds(self) -> dict[str, float]:
+        """Each configured service's panic threshold, for Registry.set_panic_thresholds."""
+        return {name: service.panic_threshold for name, service in self.services.items()}
 
 
 def parse_listen(value: str) -> tuple[str, int]:

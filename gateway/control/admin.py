@@ -174,7 +174,8 @@ async def routes(request: web.Request) -> web.Response:
         tail = counts.get(service)
         if tail is None:
             instances, healthy = registry.counts(service)
-            tail = counts[service] = f'{instances}, "healthy": {healthy}}}'
+            panic = "true" if registry.in_panic(service) else "false"
+            tail = counts[service] = f'{instances}, "healthy": {healthy}, "panic": {panic}}}'
         listed.append(head + tail)
     body = '{"routes": [' + ", ".join(listed) + "]}"
     return web.Response(text=body, content_type="application/json")

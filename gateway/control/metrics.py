@@ -197,16 +197,24 @@ def build_labels() -> tuple[str, str, str]:
     return version(), platform.python_version(), data_plane_build()
 
 
-def _registry_families(states: list[tuple[str, dict[str, int]]]) -> Iterator[Metric]:
+def _registry_families(states: list[tuple[str, dict[str, int], bool]]) -> Iterator[Metric]:
+    """From (service, its instances by state, whether it is in panic)."""
     family = GaugeMetricFamily(
         "gateway_registry_instances",
         "Registered instances by service and state",
         labels=["service", "state"],
     )
-    for name, counts in states:
+    panic = GaugeMetricFamily(
+        "gateway_service_panic",
+        "1 while a service is in panic: too few healthy instances (services.NAME."
+        "panic_threshold), so requests go to all of its up instances",
+        labels=["service"],
+    )
+    for name, counts, in_panic in states:
         for state, count in counts.items():
             family.add_metric([name, state], count)
-    yield family
+        panic.add_metric([name], int(in_panic))
+    yield from (family, panic)
 
 
 class _Families:
@@ -237,6 +245,10 @@ class GatewayMetrics:
             "gateway_registry_evictions_total", "Instances removed at lease expiry"
         )
         self.heartbeats = counter("gateway_registry_heartbeats_total", "Lease renewals")
+        self.preserved = counter(
+            "gateway_registry_preserved_total",
+            "Ended leases kept for another ttl by self-preservation (registry.self_preservation)",
+        )
         self.config_reloads = counter(
             "gateway_config_reloads_total", "Config reloads by result", "result"
         )
@@ -267,7 +279,10 @@ class GatewayMetrics:
         x 10,000 instances), and may run in a thread; the counters lock themselves."""
         numbers = [self.stats.request_numbers(), *self.remote.values()]
         registry = self.registry
-        states = [(name, registry.state_counts(name)) for name in registry.service_names()]
+        states = [
+            (name, registry.state_counts(name), registry.in_panic(name))
+            for name in registry.service_names()
+        ]
 
         def write() -> bytes:
             families = [
@@ -302,6 +317,7 @@ class GatewayMetrics:
             "deregistered": self.deregistrations,
             "evicted": self.evictions,
             "heartbeat": self.heartbeats,
+            "preserved": self.preserved,
         }.get(event)
         if counter is not None:
             counter.labels(service).inc()

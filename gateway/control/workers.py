@@ -106,6 +106,8 @@ async def run_worker(
         time.time, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
     )
     registry.set_balancing(config.balancings())
+    registry.set_panic_thresholds(config.panic_thresholds())
+    registry.self_preservation = config.registry.self_preservation
     stats = RequestStats(registry)
     proxy = ProxyContext(
         RouteTable(config.routes), registry, stats, Outliers(registry, outlier_configs(config))
@@ -143,6 +145,8 @@ async def run_worker(
         proxy.outliers.configs = outlier_configs(fresh)
         proxy.affinities = affinities_of(fresh)
         registry.set_balancing(fresh.balancings())
+        registry.set_panic_thresholds(fresh.panic_thresholds())
+        registry.self_preservation = fresh.registry.self_preservation
         stats.set_limits(fresh.services)
         listener.settings = fresh.proxy
         proxy.pool.ssl = upstream_context(fresh.proxy)

@@ -160,12 +160,14 @@ def read_fields(raw: object, where: str, names: Iterable[str] = FIELDS) -> dict[
     return fields
 
 
-def _instance_fields(raw: object, where: str) -> dict[str, Any]:
+def _instance_fields(raw: object, where: str, saved_at: float) -> dict[str, Any]:
     fields = read_fields(raw, where)
     if fields["registered_at"] > fields["last_heartbeat"]:
         raise Unreadable(f"{where}: registered_at is after last_heartbeat")
-    if fields["expires_at"] > fields["last_heartbeat"] + fields["ttl"] + 1e-3:
-        raise Unreadable(f"{where}: expires_at is later than last_heartbeat + ttl")
+    # A lease ends a ttl after its last renewal at the latest: a heartbeat, or a
+    # self-preservation (store.Registry._preserve) before the file was saved.
+    if fields["expires_at"] > max(fields["last_heartbeat"], saved_at) + fields["ttl"] + 1e-3:
+        raise Unreadable(f"{where}: expires_at is later than saved_at + ttl")
     if fields["deregister_when_idle"] and fields["state"] != "draining":
         raise Unreadable(f"{where}: deregister_when_idle is only for a draining instance")
     return fields
@@ -198,7 +200,7 @@ def _parse(data: bytes) -> dict[str, list[dict[str, Any]]]:
         raise Unreadable(f"expected a JSON object, found {type(document).__name__}")
     if document.get("version") != VERSION or isinstance(document.get("version"), bool):
         raise Unreadable(f"version must be {VERSION}, found {document.get('version')!r}")
-    _time(document.get("saved_at"), "saved_at")
+    saved_at = _time(document.get("saved_at"), "saved_at")
     services = document.get("services")
     if not isinstance(services, dict):
         raise Unreadable("services must be an object of service name to list of instances")
@@ -213,7 +215,7 @@ def _parse(data: bytes) -> dict[str, list[dict[str, Any]]]:
         seen: set[str] = set()
         fields_list = []
         for position, raw in enumerate(entries):
-            fields = _instance_fields(raw, f"services.{name}[{position}]")
+            fields = _instance_fields(raw, f"services.{name}[{position}]", saved_at)
             if fields["id"] in seen:
                 raise Unreadable(f"services.{name}[{position}]: id {fields['id']!r} twice")
             seen.add(fields["id"])

@@ -8,6 +8,7 @@ absolute expiry across a restart and tests move time by hand. The I/O shell
 from __future__ import annotations
 
 import heapq
+import logging
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final
@@ -42,13 +43,26 @@ from registry.core.policy import AddressPolicy
 
 Clock = Callable[[], float]
 RAMP_STEP: Final = 1.0  # seconds between two round-robin schedules of a slow start
-# (event, service, instance); event is one of EVENTS
+# (event, service, instance); event is one of EVENTS ("preserved": a lease that ended was
+# extended by self-preservation instead of evicted)
 Listener = Callable[[str, str, Instance], None]
-EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted")
+EVENTS: Final = ("registered", "updated", "heartbeat", "deregistered", "evicted", "preserved")
 # A subset of a service's instances: the (key, value) pairs of metadata they all have,
 # sorted by key (see selector()).
 Selector = tuple[tuple[str, str], ...]
 MATCHING_CACHE_SIZE: Final = 4096  # (service, selector) lists kept for pick_matching
+# Fail static. Panic (Envoy's healthy_panic_threshold): while fewer than this share of a
+# service's up instances are healthy, picks go over all of them. Self-preservation
+# (Eureka's): when more than this share of a service's leased instances end in one sweep,
+# they are kept for another ttl instead (services of PRESERVE_MIN leased instances or more).
+# Both off unless configured: SPEC section 5 routes over healthy instances only (503
+# no_healthy_instance otherwise) and section 4 ends a lease at its ttl.
+PANIC_THRESHOLD: Final = 0.0
+SELF_PRESERVATION: Final = 0.0
+PRESERVE_MIN: Final = 2
+
+
+log = logging.getLogger("registry")
 
 
 class _Service:
@@ -76,6 +90,11 @@ class _Service:
         "built_at",
         "clock",
         "ring",
+        # fail static (panic)
+        "live_up",
+        "up_positions",
+        "panic_threshold",
+        "panic_turn",
     )
 
     def __init__(self, name: str, clock: Clock) -> None:
@@ -95,8 +114,15 @@ class _Service:
         self.ramp_until = 0.0  # till then some instance is in its slow start
         self.built_at = 0.0  # when the schedule was built (rebuilt while ramping)
         self.ring: HashRing[Instance] | None = None  # session affinity's, built when asked
+        # Instances up (not draining) whatever their health, leases checked at the pick:
+        # what a pick goes over in panic.
+        self.live_up: list[Instance] = []
+        self.up_positions: dict[str, int] = {}  # id -> its place in live_up
+        self.panic_threshold = PANIC_THRESHOLD  # 0: never in panic
+        self.panic_turn = 0
 
     def track(self, instance: Instance) -> None:
+        self.track_up(instance)
         state = instance_state(instance)
         now = (state, instance.weight if state == "up" else 0)
         before = self.counted.get(instance.id)
@@ -118,6 +144,7 @@ class _Service:
         self.schedule = self.ring = None
 
     def untrack(self, instance_id: str) -> None:
+        self.untrack_up(instance_id)
         before = self.counted.pop(instance_id, None)
         self.since.pop(instance_id, None)
         if before is not None:
@@ -139,6 +166,28 @@ class _Service:
             self.weights[weight] = left
         else:
             del self.weights[weight]
+
+    def track_up(self, instance: Instance) -> None:
+        """Keep live_up in step with the instance's state (up or draining)."""
+        if instance.state == "up":
+            if instance.id not in self.up_positions:
+                self.up_positions[instance.id] = len(self.live_up)
+                self.live_up.append(instance)
+        else:
+            self.untrack_up(instance.id)
+
+    def untrack_up(self, instance_id: str) -> None:
+        position = self.up_positions.pop(instance_id, None)
+        if position is None:
+            return
+        last = self.live_up.pop()
+        if last.id != instance_id:  # the last one takes the leaving one's place
+            self.live_up[position] = last
+            self.up_positions[last.id] = position
+
+    def in_panic(self) -> bool:
+        """Fewer routable (healthy) instances than panic_threshold of the up ones."""
+        return len(self.routable) < self.panic_threshold * len(self.live_up)
 
 
 class _Matching:
@@ -188,6 +237,9 @@ class Registry:
         # Addresses registrations may name, and the caps (set by the gateway; None: any).
         self.policy: AddressPolicy | None = None
         self._matching: dict[tuple[str, Selector], _Matching] = {}  # pick_matching
+        # The share of a service's leased instances that may end in one sweep and be
+        # evicted; more are kept (registry.self_preservation; 0: off).
+        self.self_preservation = SELF_PRESERVATION
 
     # -- observation -------------------------------------------------------
 
@@ -406,8 +458,10 @@ class Registry:
         if service is None or instance is None:
             raise UnknownInstance(f"no instance {instance_id!r} in service {name!r}")
         if not instance.live(self.clock()):
-            self._remove(service, instance, "evicted")
-            raise UnknownInstance(f"no instance {instance_id!r} in service {name!r}")
+            self.expire()  # its lease ended: evicted, unless self-preservation keeps it
+            if not instance.live(self.clock()):
+                self._remove(service, instance, "evicted")
+                raise UnknownInstance(f"no instance {instance_id!r} in service {name!r}")
         return instance
 
     def instances(self, name: str) -> list[Instance]:
@@ -457,11 +511,14 @@ class Registry:
     def expire(self) -> list[Instance]:
         """Remove every instance whose lease has ended; returns them.
 
-        Costs the leases that came due, not the registry's size: call it freely.
+        Costs the leases that came due, not the registry's size: call it freely. The
+        leases of a service that end in one call are evicted together, or, when they are
+        more than self_preservation of its leased instances, all kept (_preserve).
         """
         now = self.clock()
         leases = self._leases
         gone = []
+        ended: dict[str, list[Instance]] = {}
         while leases and leases[0][0] <= now:
             _, entry, name, instance_id = heapq.heappop(leases)
             key = (name, instance_id)
@@ -475,9 +532,50 @@ class Registry:
             if instance.expires_at > now:
                 self._watch_lease(instance)  # renewed since it went in
             else:
+                ended.setdefault(name, []).append(instance)
+        for name, instances in ended.items():
+            service = self._services[name]
+            leased = self._preserving(service, len(instances))
+            if leased:
+                self._preserve(service, instances, leased, now)
+                continue
+            for instance in instances:
                 self._remove(service, instance, "evicted")
                 gone.append(instance)
         return gone
+
+    def _preserving(self, service: _Service, ending: int) -> int:
+        """How many leased instances the service has when ``ending`` leases ending at
+        once are more than self_preservation of them (PRESERVE_MIN at least); else 0."""
+        share = self.self_preservation
+        # It has max(PRESERVE_MIN, ending) leased instances at least: a lone lease ending
+        # (the usual case) is decided without counting them.
+        if share <= 0.0 or ending <= share * max(PRESERVE_MIN, ending):
+            return 0
+        leased = 0
+        for instance in service.instances.values():
+            if instance.ttl is not None:
+                leased += 1
+        return leased if leased >= PRESERVE_MIN and ending > share * leased else 0
+
+    def _preserve(
+        self, service: _Service, instances: list[Instance], leased: int, now: float
+    ) -> None:
+        """Fail static: keep instances whose leases ended, each for another ttl (a
+        heartbeat renews it as usual, a deregistration removes it)."""
+        for instance in instances:
+            instance.expires_at = now + (instance.ttl or 0.0)
+            self._watch_lease(instance)
+            self._emit("preserved", instance)
+        log.warning(
+            "self-preservation: the leases of %d of the %d leased instances of %s ended in"
+            " one sweep, more than %g%%; kept them for another ttl instead of evicting them"
+            " (registry.self_preservation)",
+            len(instances),
+            leased,
+            service.name,
+            self.self_preservation * 100,
+        )
 
     def next_expiry(self) -> float | None:
         """When expire() next has something to do (it may find the lease renewed)."""
@@ -509,6 +607,8 @@ class Registry:
             return None
         routable = service.routable
         count = len(routable)
+        if count < len(service.live_up) and service.in_panic():  # an int test first: cheap
+            return self._panic_pick(service, exclude)
         if count == 0:
             return None
         chosen: Instance | None = None
@@ -527,12 +627,19 @@ class Registry:
             if schedule is None:
                 schedule = service.schedule = WeightedRoundRobin(routable)
             chosen = schedule.pick(exclude)
-        if chosen is not None:
-            expires_at = chosen.expires_at
-            if expires_at is not None and expires_at <= self.clock():
-                self._remove(service, chosen, "evicted")
-                return self.pick(name, exclude)
+        if chosen is not None and self._ended(service, chosen):
+            return self.pick(name, exclude)
         return chosen
+
+    def _ended(self, service: _Service, chosen: Instance) -> bool:
+        """The check every pick makes: whether the lease of the instance it chose has
+        ended (then it is evicted, unless self-preservation keeps it: pick again)."""
+        expires_at = chosen.expires_at
+        if expires_at is None or expires_at > self.clock():
+            return False
+        self.expire()
+        self._remove_ended(service, chosen)
+        return True
 
     def pick_by_key(self, name: str, key: bytes, exclude: Collection[str] = ()) -> Instance | None:
         """Session affinity: the routable instance ``key`` hashes to on the service's ring
@@ -545,12 +652,45 @@ class Registry:
         if ring is None:
             ring = service.ring = HashRing(service.routable)
         chosen = ring.pick(key, exclude)
-        if chosen is not None:
-            expires_at = chosen.expires_at
-            if expires_at is not None and expires_at <= self.clock():
-                self._remove(service, chosen, "evicted")
-                return self.pick_by_key(name, key, exclude)
+        if chosen is not None and self._ended(service, chosen):
+            return self.pick_by_key(name, key, exclude)
         return chosen
+
+    def _panic_pick(self, service: _Service, exclude: Collection[str]) -> Instance | None:
+        """In panic: plain round-robin over the up instances, whatever their health
+        (never a draining one); a lease is checked as in pick."""
+        live_up = service.live_up
+        count = len(live_up)
+        for _ in range(count):
+            turn = service.panic_turn
+            service.panic_turn = turn + 1
+            instance = live_up[turn % count]
+            if instance.id in exclude:
+                continue
+            if self._ended(service, instance):
+                return self.pick(service.name, exclude)
+            return instance
+        return None
+
+    def _remove_ended(self, service: _Service, instance: Instance) -> None:
+        """After expire(): an instance whose lease still reads as ended goes (expire()
+        keeps or evicts every lease it watches; this one is not left to loop on)."""
+        if not instance.live(self.clock()):
+            self._remove(service, instance, "evicted")
+
+    def in_panic(self, name: str) -> bool:
+        """Whether the service's picks are in panic now (see PANIC_THRESHOLD)."""
+        service = self._services.get(name)
+        return service is not None and service.in_panic()
+
+    def set_panic_thresholds(self, thresholds: Mapping[str, float]) -> None:
+        """Each service's panic threshold (services.NAME.panic_threshold); services not
+        named: PANIC_THRESHOLD."""
+        for name, service in self._services.items():
+            if name not in thresholds:
+                service.panic_threshold = PANIC_THRESHOLD
+        for name, threshold in thresholds.items():
+            self._service(name).panic_threshold = threshold
 
     def _balanced(
         self, service: _Service, balancing: Balancing, exclude: Collection[str]
@@ -630,11 +770,8 @@ class Registry:
                 if instance.id not in exclude:
                     chosen = instance
                     break
-        if chosen is not None:
-            expires_at = chosen.expires_at
-            if expires_at is not None and expires_at <= self.clock():
-                self._remove(service, chosen, "evicted")  # the service changes: rebuilt
-                return self.pick_matching(name, metadata, exclude)
+        if chosen is not None and self._ended(service, chosen):  # the list is rebuilt
+            return self.pick_matching(name, metadata, exclude)
         return chosen
 
     def set_balancing(self, balancings: Mapping[str, Balancing]) -> None:
