@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 
 import pytest
@@ -225,3 +226,26 @@ async def test_status_page_refuses_a_bad_query(gateway_factory, query, status, c
     gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n")
     answer, body, _ = await _get(gw, "/?" + query)
     _assert_error(answer, body, status, code)
+
+
+async def test_status_page_says_what_is_wrong_and_how_to_start(gateway_factory, upstreams):
+    gw = await gateway_factory("routes:\n  - prefix: /api\n    service: api\n")
+    async with gw.session.get(gw.admin_url + "/") as response:
+        page = await response.text()
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "No instance has registered yet" in page and "gateway register web" in page
+    assert "no routable instance: 503" in page  # /api's service has none
+    up = await upstreams("api")
+    await gw.register("api", up, ttl="1h", weight=7)
+    _, page = await _page(gw, "/")
+    assert "no routable instance" not in page and "<td>1/1</td>" in page
+    assert "<td>7</td>" in page  # the weight
+    assert re.search(r"<td>59m</td>|<td>1h</td>", page)  # the lease, as a person reads it
+
+
+async def test_status_page_offers_no_link_a_token_would_refuse(gateway_factory, monkeypatch):
+    monkeypatch.setenv("STATUS_TOKEN", "s3cret")
+    gw = await gateway_factory("admin:\n  token_env: STATUS_TOKEN\n")
+    _, page = await _page(gw, "/")
+    assert 'href="/registry/services"' not in page and 'href="/routes"' in page

@@ -130,7 +130,7 @@ async def test_status_page_shows_every_state_and_metadata_as_text(
         ids["failing"]: ("up", "failing"),
         ids["ejected"]: ("up", "ejected"),
     }
-    summary = "web 4 1 1 1 1"  # the services table: instances, then up/draining/ejected/failing
+    summary = "web 4 1/4 1 1 1 1"  # services: instances, routable/all, up/draining/ejected/failing
     assert summary in page["text"]
     assert f"note={SCRIPT}" in page["text"]  # the metadata, shown as the text it is
     assert page["pwned"] is None and page["title"] == "gateway" and page["scripts"] == 0

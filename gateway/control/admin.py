@@ -14,6 +14,7 @@ from gateway.control.auth import READS, Token, audit_line, check, identify
 from gateway.control.changelog import ACTOR, actor
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.openapi import document
+from gateway.control.status import HEADERS as STATUS_HEADERS
 from gateway.control.status import render
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.routing import BadPath, RouteSpec, host_name, normalize_path
@@ -110,8 +111,8 @@ async def status_page(request: web.Request) -> web.Response:
     page = request.query.get("page", "1")
     if not (page.isascii() and page.isdigit() and 0 < int(page) <= 1_000_000):
         raise ApiError(400, "invalid_page", "page must be an integer from 1")
-    page_html = render(proxy.table, proxy.registry, service, int(page))
-    return web.Response(text=page_html, content_type="text/html")
+    page_html = render(proxy.table, proxy.registry, service, int(page), bool(request.app[TOKENS]))
+    return web.Response(text=page_html, content_type="text/html", headers=STATUS_HEADERS)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -39,7 +39,17 @@ def _link(text: str, service: str, page: int = 1) -> str:
 def _expires(instance: Instance, now: float) -> str:
     if instance.expires_at is None:
         return "static" if instance.ttl is None else "in etcd"  # a lease etcd keeps
-    return f"{max(0.0, instance.expires_at - now):.0f}s"
+    return _left(max(0.0, instance.expires_at - now))
+
+
+def _left(seconds: float) -> str:
+    """A countdown as a person reads it: 42s, 59m, 2h 5m."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    return f"{minutes // 60}h {minutes % 60}m" if minutes % 60 else f"{minutes // 60}h"
 
 
 def _metadata(instance: Instance) -> str:
@@ -56,6 +66,7 @@ def _instance_row(instance: Instance, now: float) -> str:
             escape(instance.address),
             f'<span class="{state}">{state}</span>',
             f'<span class="{health}">{health}</span>',
+            str(instance.weight),
             str(instance.in_flight + instance.remote_in_flight),
             _expires(instance, now),
             _metadata(instance),
@@ -63,18 +74,23 @@ def _instance_row(instance: Instance, now: float) -> str:
     )
 
 
-def _routes(table: RouteTable) -> str:
-    rows = [
-        _cells(
-            [
-                escape(route.host or "*"),
-                escape(route.prefix),
-                escape(route.service),
-                "yes" if route.strip_prefix else "",
-            ]
+def _routes(table: RouteTable, registry: Registry) -> str:
+    rows = []
+    for route in islice(table.routes, MAX_ROUTES):
+        routable = registry.counts(route.service)[1]
+        service = escape(route.service)
+        rows.append(
+            _cells(
+                [
+                    escape(route.host or "*"),
+                    escape(route.prefix),
+                    service
+                    if routable
+                    else f'{service} <span class="failing">no routable instance: 503</span>',
+                    "yes" if route.strip_prefix else "",
+                ]
+            )
         )
-        for route in islice(table.routes, MAX_ROUTES)
-    ]
     more = len(table.routes) - MAX_ROUTES
     if more > 0:
         rows.append(_cells([f'… and {more} more in <a href="/routes">/routes</a>', "", "", ""]))
@@ -96,10 +112,11 @@ def _services(registry: Registry, names: list[str]) -> tuple[str, int]:
         total += instances
         states = [str(counts[state]) if counts[state] else "" for state in INSTANCE_STATES]
         listed = _link(str(instances), name) if instances else "<i>no instances</i>"
-        rows.append(_cells([name, listed, *states]))
+        healthy = f"{registry.counts(name)[1]}/{instances}"
+        rows.append(_cells([name, listed, healthy, *states]))
     table = (
         "<h2>Services</h2><table>"
-        + _cells(["service", "instances", *INSTANCE_STATES], "th")
+        + _cells(["service", "instances", "routable", *INSTANCE_STATES], "th")
         + "".join(rows)
         + "</table>"
     )
@@ -122,20 +139,55 @@ def _instances(registry: Registry, names: list[str], now: float, page: int) -> s
     return (
         f"<h2>{heading}</h2><table>"
         + _cells(
-            ["service", "id", "address", "state", "health", "in flight", "lease", "metadata"], "th"
+            [
+                "service",
+                "id",
+                "address",
+                "state",
+                "health",
+                "weight",
+                "in flight",
+                "lease",
+                "metadata",
+            ],
+            "th",
         )
         + "".join(_instance_row(instance, now) for instance in shown)
         + "</table>"
     )
 
 
-def render(table: RouteTable, registry: Registry, service: str | None = None, page: int = 1) -> str:
-    """The page; ``service`` (known to the registry) lists its instances, ``page`` of them."""
+EMPTY = (
+    "<p>No instance has registered yet. Register one with "
+    "<code>gateway register web 127.0.0.1:9001</code>, or POST "
+    "<code>{&quot;host&quot;: &quot;127.0.0.1&quot;, &quot;port&quot;: 9001}</code> to "
+    "<code>/registry/services/web/instances</code>.</p>"
+)
+# What the page may do: its own inline style, nothing else (no script, no frame).
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def render(
+    table: RouteTable,
+    registry: Registry,
+    service: str | None = None,
+    page: int = 1,
+    secured: bool = False,
+) -> str:
+    """The page; ``service`` (known to the registry) lists its instances, ``page`` of them.
+    ``secured``: /registry needs a token, which a link cannot send: it is not offered."""
     now = registry.clock()
     names = registry.service_names()
     summary, total = _services(registry, names)
     if service is not None:
         instances = _instances(registry, [service], now, page)
+    elif total == 0:
+        instances = EMPTY
     elif total <= PAGE_SIZE:
         instances = _instances(registry, names, now, 1)
     else:
@@ -147,9 +199,10 @@ def render(table: RouteTable, registry: Registry, service: str | None = None, pa
         f"<style>{_STYLE}</style></head><body><h1>gateway</h1>"
         f"<p>{generated} · refreshes every 5 s · "
         '<a href="/">overview</a> · <a href="/metrics">metrics</a> · '
-        '<a href="/routes">routes (JSON)</a> · '
-        '<a href="/registry/services">services (JSON)</a></p>'
-        + _routes(table)
+        '<a href="/routes">routes (JSON)</a>'
+        + ("" if secured else ' · <a href="/registry/services">services (JSON)</a>')
+        + "</p>"
+        + _routes(table, registry)
         + summary
         + instances
         + "</body></html>"
