@@ -5,6 +5,11 @@ from __future__ import annotations
 from gateway.config.model import Config, ProxySettings, RouteConfig
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 route``, ``3 routes``: a count with its noun (nouns that take an s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def describe_routes(config: Config) -> list[str]:
     """The routing table for ``gateway check``: host, prefix, service and non-default options."""
     rows = [
