@@ -406,3 +406,76 @@ async def test_services_of_one_service_and_as_json(gateway_factory, upstreams, c
         f"gateway: no service 'nope' in the registry at {gw.admin_url} "
         "(`gateway services` lists them)\n"
     )
+
+
+# Item 4 of issue 13: gateway check
+
+
+def test_check_says_1_route_and_does_not_warn_of_the_catch_all(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(
+        "routes:\n  - {prefix: /api, service: api}\n  - {prefix: /, service: web}\n"
+    )
+    result = gateway("check", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[-1] == "routes.yaml: ok, 2 routes"
+    assert result.stderr == ""  # /api under / is what / is for
+
+    (tmp_path / "routes.yaml").write_text("routes:\n  - {prefix: /, service: web}\n")
+    result = gateway("check", cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == "routes.yaml: ok, 1 route"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# routes: later\n  \n"])
+def test_check_and_run_refuse_an_empty_file(tmp_path: Path, text: str) -> None:
+    (tmp_path / "routes.yaml").write_text(text)
+    for command in ("check", "run"):
+        result = gateway(command, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr == (
+            "routes.yaml is empty: give it at least a routes: list, e.g. "
+            "routes: [{prefix: /, service: web}]\n"
+        )
+
+
+def test_check_explains_a_tab(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text("routes:\n  - prefix: /\n\tservice: web\n")
+    result = gateway("check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "routes.yaml:3: a tab character; YAML indents with spaces\n"
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(
+    ("admin", "fix"),
+    [
+        (
+            "",
+            "add 'token_env: GATEWAY_ADMIN_TOKEN' under admin: in routes.yaml and export "
+            "GATEWAY_ADMIN_TOKEN=<secret>",
+        ),
+        ("  token_env: MY_TOKEN\n", "export MY_TOKEN=<secret> (named under admin: in routes.yaml)"),
+    ],
+    ids=["no-token_env", "token_env"],
+)
+def test_check_and_run_refuse_an_open_admin_without_a_token_alike(
+    tmp_path: Path, command: str, admin: str, fix: str
+) -> None:
+    (tmp_path / "routes.yaml").write_text("admin:\n  listen: 0.0.0.0:0\n" + admin + GOOD)
+    env = {"GATEWAY_ADMIN_TOKEN": "set-but-not-named", "MY_TOKEN": ""}
+    extra = ["--listen", "127.0.0.1:0"] if command == "run" else []
+    result = gateway(command, *extra, cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"gateway: admin listener 0.0.0.0:0 is not on loopback and no admin token is set: "
+        f"{fix}, or listen on 127.0.0.1\n"
+    )
+
+
+def test_check_passes_an_open_admin_with_its_token_set(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(
+        "admin:\n  listen: 0.0.0.0:0\n  token_env: MY_TOKEN\n" + GOOD
+    )
+    result = gateway("check", cwd=tmp_path, env={"MY_TOKEN": "s3cret"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("routes.yaml: ok, 3 routes\n")

@@ -226,16 +226,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config.describe import ignored_settings, shadow_warnings
+    """Validate like ``run`` does (the same refusals), then print the routing table."""
+    from gateway.config.describe import ignored_settings, plural, shadow_warnings
+    from gateway.control.auth import open_admin_refusal, tokens_from
 
     config = _load(args.config)
     if config is None:
+        return 1
+    tokens, _ = tokens_from(config.admin, os.environ)
+    refusal = open_admin_refusal(config.admin, config.admin.listen, tokens, args.config)
+    if refusal is not None:
+        print(f"gateway: {refusal}", file=sys.stderr)
         return 1
     for line in describe_routes(config):
         print(line)
     for warning in [*shadow_warnings(config), *ignored_settings(config)]:
         print(warning, file=sys.stderr)
-    print(f"{args.config}: ok, {len(config.routes)} routes")
+    print(f"{args.config}: ok, {plural(len(config.routes), 'route')}")
     return 0
 
 

@@ -30,7 +30,8 @@ def describe_routes(config: Config) -> list[str]:
 
 
 def shadow_warnings(config: Config) -> list[str]:
-    """Warn where a longer prefix takes paths from the route that would otherwise match."""
+    """Warn where a longer prefix takes paths from the route that would otherwise match.
+    Not from a catch-all ``/``: taking what the longer prefixes leave is what it is for."""
     filename = str(config.path) if config.path is not None else "routes.yaml"
     first: dict[tuple[str | None, str], RouteConfig] = {}
     for route in config.routes:
@@ -38,7 +39,7 @@ def shadow_warnings(config: Config) -> list[str]:
     warnings = []
     for route in config.routes:
         nearest = _nearest_cover(first, route)
-        if nearest is not None and nearest.service != route.service:
+        if nearest is not None and nearest.prefix != "/" and nearest.service != route.service:
             warnings.append(
                 f"warning: {filename}:{route.line}: prefix {route.prefix} (service {route.service})"
                 f" shadows part of {nearest.prefix} (service {nearest.service})"
