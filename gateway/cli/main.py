@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         type=str.lower,
-        help="(default: %(default)s)",
+        help="what to log from (default: %(default)s)",
     )
     run.add_argument(
         "--access-log",
