@@ -17,10 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway import data_plane_build
-from gateway.config.describe import ignored_settings
+from gateway.config.describe import ignored_settings, plural
 from gateway.config.model import Config, ConfigError, HealthCheckConfig
 from gateway.control.admin import build_admin_app
-from gateway.control.auth import tokens_from
+from gateway.control.auth import open_admin_refusal, tokens_from
 from gateway.control.changelog import log_changes
 from gateway.control.health import HealthChecker
 from gateway.control.metrics import GatewayMetrics
@@ -36,7 +36,7 @@ from registry.backends.base import RegistryBackend
 from registry.backends.etcd import EtcdBackend, parse_endpoints
 from registry.backends.feed import RegistryFeed
 from registry.backends.memory import MemoryBackend
-from registry.core.policy import AddressPolicy, is_loopback
+from registry.core.policy import AddressPolicy
 from registry.core.store import Registry
 
 log = logging.getLogger("gateway")
@@ -81,27 +81,18 @@ class Gateway:
         self.workers = workers
         self.log_level = log_level
         self.access_log = access_log  # --access-log: over proxy.access_log, reloads too
+        self._listen_flags = (listen, admin_listen)  # --listen, --admin-listen: over the file
         self.listen = listen or config.listen
         self.admin_listen = admin_listen or config.admin.listen
         self.shutdown_grace = shutdown_grace
         self.tokens, warnings = tokens_from(config.admin, os.environ)
         for warning in warnings:
             log.warning("%s", warning)
-        if not is_loopback(self.admin_listen[0]) and not self.tokens:
-            where = f"{self.admin_listen[0]}:{self.admin_listen[1]}"
-            variables = [v for v in [config.admin.token_env] if v] + [
-                t.token_env for t in config.admin.tokens
-            ]
-            fix = (
-                f"export {' or '.join(variables)}=<secret>"
-                if variables
-                else f"set admin.token_env in {config.path or 'routes.yaml'} and export "
-                "the variable it names"
-            )
-            raise StartupError(
-                f"admin listener {where} is not on loopback and no admin token is set: "
-                f"{fix}, or listen on 127.0.0.1"
-            )
+        refusal = open_admin_refusal(
+            config.admin, self.admin_listen, self.tokens, str(config.path or "routes.yaml")
+        )
+        if refusal is not None:
+            raise StartupError(refusal)
         self.registry = Registry(
             clock, default_ttl=config.registry.default_ttl, max_ttl=config.registry.max_ttl
         )
@@ -221,7 +212,11 @@ class Gateway:
                 log.error("reload refused, the old config keeps serving: %s", line)
             self.metrics.config_reloads.labels("failure").inc()
             return False
-        if (config.listen, config.admin.listen) != (self.config.listen, self.config.admin.listen):
+        wanted = (
+            self._listen_flags[0] or config.listen,
+            self._listen_flags[1] or config.admin.listen,
+        )
+        if wanted != (self.listen, self.admin_listen):  # the running ones, not the last file's
             log.warning("reload: listen addresses changed in %s; that needs a restart", path)
         if config.registry.backend != self.config.registry.backend:
             log.warning("reload: registry.backend changed in %s; that needs a restart", path)
@@ -242,7 +237,7 @@ class Gateway:
             self._workers.reload()
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_loaded()
-        log.info("reloaded %s: %d routes", path, len(config.routes))
+        log.info("reloaded %s: %s", path, plural(len(config.routes), "route"))
         return True
 
     def _reload_tls(self, config: Config) -> None:
@@ -299,12 +294,12 @@ async def serve(gateway: Gateway) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log.info(
-        "proxy listening on %s:%d, admin on %s:%d, %d routes, %s data plane",
+        "proxy listening on %s:%d, admin on %s:%d, %s, %s data plane",
         gateway.listen[0],
         gateway.proxy_port,
         gateway.admin_listen[0],
         gateway.admin_port,
-        len(gateway.config.routes),
+        plural(len(gateway.config.routes), "route"),
         data_plane_build(),
     )
     if gateway.tls is not None:

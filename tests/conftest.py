@@ -287,7 +287,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # What `gateway run` logs once both listeners are open: the proxy's port, the admin's.
 READY_LINE = re.compile(
-    r"proxy listening on \S+:(\d+), admin on \S+:(\d+), \d+ routes, "
+    r"proxy listening on \S+:(\d+), admin on \S+:(\d+), \d+ routes?, "
     r"(compiled|pure Python) data plane"
 )
 

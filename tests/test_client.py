@@ -21,6 +21,7 @@ import pytest
 from gateway.cli.registry import (
     console_output,
     format_services,
+    natural_key,
     print_services,
     run_sidecar,
     signals_as_keyboard_interrupt,
@@ -64,7 +65,7 @@ class FakeAdmin:
         parts = seen.path.split("/")  # '', registry, services, NAME, instances, ID, heartbeat
         if seen.method == "POST":
             body = seen.body
-            instance_id = format_address(body["host"], body["port"])
+            instance_id = body.get("id") or format_address(body["host"], body["port"])
             created = instance_id not in self.instances
             self.instances[instance_id] = {"id": instance_id, "host": body["host"]}
             answer = {**self.instances[instance_id], "ttl": 30, "heartbeat_interval": 10}
@@ -503,6 +504,65 @@ def test_run_sidecar_bad_arguments_exit_2(
     assert message in err
 
 
+def test_run_sidecar_sends_weight_metadata_id_and_scheme(
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_sidecar(
+        admin.url,
+        None,
+        "users",
+        "127.0.0.1:9000",
+        "30s",
+        weight="5",
+        metadata=["version=1.4", "zone=a=b", "empty="],
+        instance_id="users-1",
+        scheme="https",
+        sleep=FakeSleep(interrupt_on(1)),
+    )
+
+    assert code == 0
+    assert admin.requests[0].body == {
+        "host": "127.0.0.1",
+        "port": 9000,
+        "ttl": "30s",
+        "weight": 5,
+        "metadata": {"version": "1.4", "zone": "a=b", "empty": ""},
+        "id": "users-1",
+        "scheme": "https",
+    }
+    assert "registered users/users-1 (ttl 30s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"weight": "0"}, "invalid --weight '0': weight must be an integer in 1..100"),
+        ({"weight": "101"}, "invalid --weight '101': weight must be an integer in 1..100"),
+        ({"weight": "heavy"}, "invalid --weight 'heavy': weight must be an integer in 1..100"),
+        ({"weight": "1.5"}, "invalid --weight '1.5': weight must be an integer in 1..100"),
+        (
+            {"metadata": ["version"]},
+            "invalid --metadata 'version': use KEY=VALUE, e.g. version=1.4",
+        ),
+        ({"metadata": ["=1.4"]}, "invalid --metadata '=1.4': use KEY=VALUE, e.g. version=1.4"),
+        ({"metadata": ["v=1", "v=2"]}, "invalid --metadata 'v=2': v is given twice"),
+        (
+            {"metadata": [f"k{n}=v" for n in range(65)]},
+            "invalid --metadata: metadata must be an object of string to string, at most 64 keys",
+        ),
+        ({"instance_id": "a b"}, "invalid --id 'a b': id must match [A-Za-z0-9._:[]-]{1,128}"),
+        ({"scheme": "ftp"}, "invalid --scheme 'ftp': scheme must be http or https"),
+    ],
+)
+def test_run_sidecar_bad_options_exit_2_with_one_line(
+    closed_url: str, capsys: pytest.CaptureFixture[str], options: dict[str, Any], message: str
+) -> None:
+    code = run_sidecar(closed_url, None, "users", "127.0.0.1:9001", "30s", **options)
+
+    assert code == 2
+    assert capsys.readouterr().err == f"gateway: {message}\n"
+
+
 def test_sigterm_becomes_keyboard_interrupt_and_the_handler_is_restored() -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
@@ -586,14 +646,61 @@ def test_print_services_lists_instances_and_empty_services(
     ]
     assert lines[3].split() == ["web", "-", "-", "-", "-", "-", "-", "-"]
     starts = [lines[0].index(title) for title in ("INSTANCE", "ADDRESS", "STATE", "EXPIRES")]
-    for line in lines[1:]:  # every cell starts under its title
+    for line in lines[1:4]:  # every cell starts under its title
         assert all(line[start - 1] == " " and line[start] != " " for start in starts)
+    assert lines[4:] == [
+        "",
+        "users: 2 instances, 1 healthy, 1 ejected, 1 draining",
+        "web: no instances",
+    ]
     assert admin.paths() == [
         "/registry/services",
         "/registry/services/users",
         "/registry/services/web",
     ]
     assert all(s.headers["Authorization"] == "Bearer t" for s in admin.requests)
+
+
+def test_format_services_sorts_naturally_and_shows_one_column_when_id_is_the_address() -> None:
+    def instance(port: int, **fields: object) -> dict[str, object]:
+        return {"id": f"127.0.0.1:{port}", "host": "127.0.0.1", "port": port, **fields}
+
+    listing = [
+        ("web-10", [instance(9010, health="healthy")]),
+        ("web-2", [instance(900, health="failing"), instance(80, state="draining")]),
+    ]
+
+    lines = format_services(listing, 0.0)
+
+    assert lines[0].split() == [
+        "SERVICE", "INSTANCE", "STATE", "HEALTH", "WEIGHT", "IN_FLIGHT", "EXPIRES"
+    ]  # fmt: skip
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["web-2", "127.0.0.1:80"],
+        ["web-2", "127.0.0.1:900"],
+        ["web-10", "127.0.0.1:9010"],
+    ]
+    assert lines[4:] == [
+        "",
+        "web-2: 2 instances, 0 healthy, 1 failing, 1 draining",
+        "web-10: 1 instance, 1 healthy",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["web-10", "web-2", "web-1"], ["web-1", "web-2", "web-10"]),
+        (["a10b2", "a10b10", "a9"], ["a9", "a10b2", "a10b10"]),
+        (
+            ["10.0.0.10:80", "10.0.0.9:80", "10.0.0.9:8080"],
+            ["10.0.0.9:80", "10.0.0.9:8080", "10.0.0.10:80"],
+        ),
+        (["b", "a", "7", "10"], ["7", "10", "a", "b"]),
+    ],
+)
+def test_natural_key(names: list[str], expected: list[str]) -> None:
+    assert sorted(names, key=natural_key) == expected
 
 
 def test_format_services_expiry_is_seconds_from_now() -> None:

@@ -646,15 +646,16 @@ def test_shadow_warnings() -> None:
         "warning: routes.yaml:5: prefix /api/usersx (service other) shadows part of /api "
         "(service api)",
         "warning: routes.yaml:7: prefix /api/v2 (service v2) shadows part of /api (service api)",
-        "warning: routes.yaml:9: prefix /static (service cdn) shadows part of / (service web)",
-    ]
+    ]  # /static under the catch-all / (line 9): no warning, that is what / is for
 
 
 def test_shadow_warnings_name_the_loaded_file(tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(SPEC_EXAMPLE)
+    assert shadow_warnings(load_config(path)) == []  # /api/users under the catch-all /
+    path.write_text("routes:\n  - {prefix: /api, service: api}\n  - {prefix: /api/x, service: x}\n")
     assert shadow_warnings(load_config(path)) == [
-        f"warning: {path}:18: prefix /api/users (service users) shadows part of / (service web)"
+        f"warning: {path}:3: prefix /api/x (service x) shadows part of /api (service api)"
     ]
 
 
@@ -671,7 +672,7 @@ def _quadratic_shadow_warnings(config: Config) -> list[str]:
         ]
         if covering:
             nearest = max(covering, key=lambda o: (len(o.prefix), o.host is not None))
-            if nearest.service != route.service:
+            if nearest.service != route.service and nearest.prefix != "/":
                 warnings.append(
                     f"warning: routes.yaml:{route.line}: prefix {route.prefix} (service "
                     f"{route.service}) shadows part of {nearest.prefix} (service {nearest.service})"
@@ -766,3 +767,29 @@ def test_importing_the_config_does_not_import_aiohttp_or_asyncio() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# nothing yet\n", "   \n  # indented comment\n"])
+def test_load_config_refuses_an_empty_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.errors == [
+        f"{path} is empty: give it at least a routes: list, e.g. "
+        "routes: [{prefix: /, service: web}]"
+    ]
+    assert parse_config(text) == Config(path=None)  # the text itself is a valid config
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("routes:\n\t- prefix: /\n    service: web\n", 2),
+        ("routes:\n  - prefix: /\n\tservice: web\n", 3),
+        ("routes:\n  - prefix: /\n    \tservice: web\n", 3),
+        ("proxy:\n\ttimeout: 5s\n", 2),
+    ],
+)
+def test_a_tab_is_explained(text: str, line: int) -> None:
+    assert errors_of(text) == [f"routes.yaml:{line}: a tab character; YAML indents with spaces"]

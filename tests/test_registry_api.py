@@ -798,9 +798,13 @@ def test_open_admin_listener_without_token_refuses_to_start(monkeypatch):
         Gateway(config, listen=("127.0.0.1", 0), admin_listen=("0.0.0.0", 0))
     message = str(caught.value)
     assert "\n" not in message
-    # No token_env is configured: exporting GATEWAY_ADMIN_TOKEN would not help, so the
-    # message says what would (issue 13).
-    assert "GATEWAY_ADMIN_TOKEN" not in message and "set admin.token_env" in message
+    # No token_env is configured: exporting a variable alone would not help, so the
+    # message says exactly what to add to routes.yaml and what to export (issue 13).
+    assert message == (
+        "admin listener 0.0.0.0:0 is not on loopback and no admin token is set: add "
+        "'token_env: GATEWAY_ADMIN_TOKEN' under admin: in routes.yaml and export "
+        "GATEWAY_ADMIN_TOKEN=<secret>, or listen on 127.0.0.1"
+    )
 
 
 def test_open_admin_listener_names_the_configured_variable(monkeypatch):

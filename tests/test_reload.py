@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import threading
@@ -194,3 +195,40 @@ async def test_a_reload_that_fails_does_not_stop_the_watcher(tmp_path, caplog):
         assert f"reload of {config_file} failed" in caplog.text
     finally:
         await watcher.stop()
+
+
+async def test_a_listen_change_is_told_once_and_going_back_is_not_a_change(tmp_path, caplog):
+    config_file = tmp_path / "routes.yaml"
+    running = "listen: 127.0.0.1:0\nadmin: {listen: '127.0.0.1:0'}\n" + SECOND
+    config_file.write_text(running)
+    caplog.set_level(logging.INFO, "gateway")
+    gateway = Gateway(load_config(config_file))
+    await gateway.start()
+    try:
+        restart = "listen addresses changed"
+        config_file.write_text(running.replace("127.0.0.1:0", "127.0.0.1:1", 1))
+        assert await gateway.reload() is True
+        assert sum(restart in r.getMessage() for r in caplog.records) == 1
+        config_file.write_text(running)  # back to what the gateway listens on
+        caplog.clear()
+        assert await gateway.reload() is True
+        assert not [r for r in caplog.records if restart in r.getMessage()]
+        assert [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()] == [
+            f"reloaded {config_file}: 1 route"
+        ]
+    finally:
+        await gateway.stop()
+
+
+async def test_flags_over_the_file_are_the_running_listen_addresses(tmp_path, caplog):
+    config_file = tmp_path / "routes.yaml"
+    config_file.write_text(SECOND)  # listen: the default 0.0.0.0:8080, never used here
+    gateway = Gateway(
+        load_config(config_file), listen=("127.0.0.1", 0), admin_listen=("127.0.0.1", 0)
+    )
+    await gateway.start()
+    try:
+        assert await gateway.reload() is True
+        assert not [r for r in caplog.records if "needs a restart" in r.getMessage()]
+    finally:
+        await gateway.stop()

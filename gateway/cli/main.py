@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 
+from gateway import version
 from gateway.config.describe import describe_routes
 from gateway.config.loader import ACCESS_LOG_FORMS, load_config
 from gateway.config.model import Config, ConfigError, parse_listen
+from registry.core.models import SCHEMES
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"gateway: {message} (see gateway {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"gateway: {message} (see {self.prog} --help)\n")
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -37,46 +40,138 @@ def _workers(value: str) -> int:
     return workers
 
 
+ENVIRONMENT = """environment:
+  GATEWAY_ADMIN_URL    the admin URL when --admin is not given
+  GATEWAY_ADMIN_TOKEN  the bearer token when --token is not given (keeps it off the command line)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gateway", description="API gateway with a built-in service registry")
+    """The commands users run (the worker's is apart: see build_worker_parser)."""
+    parser = _Parser(
+        prog="gateway",
+        description="API gateway with a built-in service registry",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {version()}")
     commands = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="{run,check,services,register}"
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
     )
 
     run = commands.add_parser("run", help="run the gateway")
-    run.add_argument("--config", default="routes.yaml", help="config file (default ./routes.yaml)")
-    run.add_argument("--listen", type=_listen, metavar="H:P", help="proxy listener")
-    run.add_argument("--admin-listen", type=_listen, metavar="H:P", help="admin listener")
-    run.add_argument("--workers", type=_workers, default=1, metavar="N")
+    _config_option(run)
     run.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], type=str.lower
+        "--listen", type=_listen, metavar="H:P", help="proxy listener (default: listen in --config)"
+    )
+    run.add_argument(
+        "--admin-listen",
+        type=_listen,
+        metavar="H:P",
+        help="admin listener (default: admin.listen in --config)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="processes sharing the proxy port (default: %(default)s)",
+    )
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        help="what to log from (default: %(default)s)",
     )
     run.add_argument(
         "--access-log",
         choices=ACCESS_LOG_FORMS,
-        help="a line per request on stdout: json or common (default: proxy.access_log, off)",
+        help="a line per request on stdout (default: proxy.access_log in --config, off)",
     )
 
     check = commands.add_parser("check", help="validate a config and print its routing table")
-    check.add_argument("--config", default="routes.yaml")
+    _config_option(check)
 
     services = commands.add_parser("services", help="list services and instances")
-    services.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
-    services.add_argument("--token", help="admin bearer token")
+    services.add_argument("--service", metavar="NAME", help="only this service (default: all)")
+    services.add_argument(
+        "--json", action="store_true", help="print the registry API's JSON instead of a table"
+    )
+    _admin_options(services)
 
     register = commands.add_parser("register", help="register an instance and keep it alive")
-    register.add_argument("service")
-    register.add_argument("address", metavar="HOST:PORT")
-    register.add_argument("--ttl", default="30s")
-    register.add_argument("--admin", default=DEFAULT_ADMIN, metavar="URL")
-    register.add_argument("--token", help="admin bearer token")
-    worker = commands.add_parser("_worker")  # started by `run --workers N`, not by users
+    register.add_argument("service", help="service name, e.g. web")
+    register.add_argument("address", metavar="HOST:PORT", help="where the instance listens")
+    register.add_argument("--ttl", default="30s", help="lease length (default: %(default)s)")
+    register.add_argument("--weight", help="share of traffic, 1..100 (default: 1)")
+    register.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="instance metadata, e.g. version=1.4; repeatable (default: none)",
+    )
+    register.add_argument("--id", help="instance id (default: HOST:PORT)")
+    register.add_argument(
+        "--scheme", choices=SCHEMES, help="how the gateway talks to it (default: http)"
+    )
+    _admin_options(register)
+
+    drain = commands.add_parser("drain", help="stop sending new requests to an instance")
+    _instance_arguments(drain)
+    drain.add_argument(
+        "--wait", action="store_true", help="wait until its requests in flight have finished"
+    )
+    drain.add_argument("--timeout", default="60s", help="longest --wait (default: %(default)s)")
+    _admin_options(drain)
+
+    deregister = commands.add_parser("deregister", help="remove an instance from the registry")
+    _instance_arguments(deregister)
+    _admin_options(deregister)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="routes.yaml", help="config file (default: %(default)s)"
+    )
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        metavar="URL",
+        help=f"admin listener (default: $GATEWAY_ADMIN_URL, else {DEFAULT_ADMIN})",
+    )
+    parser.add_argument(
+        "--token",
+        help="admin bearer token (default: $GATEWAY_ADMIN_TOKEN; the variable keeps it "
+        "out of ps and shell history)",
+    )
+
+
+def _instance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("service", help="service name, e.g. web")
+    parser.add_argument("id", help="instance id, as `gateway services` lists it")
+
+
+def build_worker_parser() -> argparse.ArgumentParser:
+    """``gateway _worker``: how ``run --workers N`` starts its other processes. Apart from
+    build_parser so that no usage, help or error message lists it."""
+    worker = _Parser(prog="gateway _worker")
     worker.add_argument("--config", required=True)
     worker.add_argument("--listen", type=_listen, required=True)
     worker.add_argument("--feed-fd", type=int, required=True)
     worker.add_argument("--log-level", default="info")
     worker.add_argument("--access-log", choices=ACCESS_LOG_FORMS)
-    return parser
+    return worker
+
+
+def admin_from(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The admin URL and token: the flags, else GATEWAY_ADMIN_URL and GATEWAY_ADMIN_TOKEN."""
+    url = args.admin or os.environ.get("GATEWAY_ADMIN_URL") or DEFAULT_ADMIN
+    return url, args.token or os.environ.get("GATEWAY_ADMIN_TOKEN") or None
 
 
 def _load(path: str) -> Config | None:
@@ -138,29 +233,58 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config.describe import ignored_settings, shadow_warnings
+    """Validate like ``run`` does (the same refusals), then print the routing table."""
+    from gateway.config.describe import ignored_settings, plural, shadow_warnings
+    from gateway.control.auth import open_admin_refusal, tokens_from
 
     config = _load(args.config)
     if config is None:
+        return 1
+    tokens, _ = tokens_from(config.admin, os.environ)
+    refusal = open_admin_refusal(config.admin, config.admin.listen, tokens, args.config)
+    if refusal is not None:
+        print(f"gateway: {refusal}", file=sys.stderr)
         return 1
     for line in describe_routes(config):
         print(line)
     for warning in [*shadow_warnings(config), *ignored_settings(config)]:
         print(warning, file=sys.stderr)
-    print(f"{args.config}: ok, {len(config.routes)} routes")
+    print(f"{args.config}: ok, {plural(len(config.routes), 'route')}")
     return 0
 
 
 def cmd_services(args: argparse.Namespace) -> int:
     from gateway.cli.registry import print_services
 
-    return print_services(args.admin, args.token)
+    return print_services(*admin_from(args), service=args.service, as_json=args.json)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     from gateway.cli.registry import run_sidecar
 
-    return run_sidecar(args.admin, args.token, args.service, args.address, args.ttl)
+    return run_sidecar(
+        *admin_from(args),
+        args.service,
+        args.address,
+        args.ttl,
+        weight=args.weight,
+        metadata=args.metadata,
+        instance_id=args.id,
+        scheme=args.scheme,
+    )
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from gateway.cli.registry import drain
+
+    timeout = args.timeout if args.wait else None
+    return drain(*admin_from(args), args.service, args.id, wait_for=timeout)
+
+
+def cmd_deregister(args: argparse.Namespace) -> int:
+    from gateway.cli.registry import deregister
+
+    return deregister(*admin_from(args), args.service, args.id)
 
 
 COMMANDS = {
@@ -168,11 +292,15 @@ COMMANDS = {
     "check": cmd_check,
     "services": cmd_services,
     "register": cmd_register,
-    "_worker": cmd_worker,
+    "drain": cmd_drain,
+    "deregister": cmd_deregister,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_worker"]:
+        return cmd_worker(build_worker_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
 

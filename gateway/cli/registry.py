@@ -6,67 +6,138 @@ lines (``console_output``): what happens on stdout, trouble on stderr.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from gateway.config.describe import plural
 from gateway.config.model import parse_listen
 from registry.client.http import AdminClient, AdminError, AdminUnreachable, describe_failure
 from registry.client.sidecar import Sidecar, log
 from registry.core.errors import InvalidField
-from registry.core.models import format_address, validate_host, validate_port, validate_service_name
+from registry.core.models import (
+    format_address,
+    validate_host,
+    validate_id,
+    validate_metadata,
+    validate_port,
+    validate_scheme,
+    validate_service_name,
+    validate_weight,
+)
 from registry.core.units import parse_duration
 
 
-def print_services(admin_url: str, token: str | None) -> int:
+def print_services(
+    admin_url: str, token: str | None, *, service: str | None = None, as_json: bool = False
+) -> int:
+    """``gateway services``: a table (or, ``as_json``, each service as the API answers it)."""
     try:
         client = AdminClient(admin_url, token)
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    listing: list[tuple[str, list[dict[str, Any]]]] = []
+    answers: list[dict[str, Any]] = []
     try:
-        for entry in client.services():
-            name = str(entry.get("name", "?"))
+        if service is not None:
+            answers.append(client.service(service))
+        for entry in client.services() if service is None else []:
             try:
-                instances = client.service(name).get("instances")
+                answers.append(client.service(str(entry.get("name", "?"))))
             except AdminError as exc:
                 if exc.status != 404:  # 404: removed since the list was made
                     raise
-                instances = []
-            listing.append((name, instances if isinstance(instances, list) else []))
-    except (AdminError, AdminUnreachable) as exc:
+    except AdminError as exc:
+        if exc.status == 404 and exc.code == "unknown_service":
+            print(
+                f"gateway: no service {service!r} in the registry at {client.base_url} "
+                "(`gateway services` lists them)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"gateway: {describe_failure(exc, client.base_url)}", file=sys.stderr)
+        return 1
+    except AdminUnreachable as exc:
         print(f"gateway: {describe_failure(exc, client.base_url)}", file=sys.stderr)
         return 1
+    if as_json:
+        print(json.dumps(answers[0] if service is not None else {"services": answers}, indent=2))
+        return 0
+    listing = [(str(answer.get("name", "?")), _listed(answer)) for answer in answers]
     for line in format_services(listing, time.time()):
         print(line)
     return 0
 
 
+def _listed(answer: Mapping[str, Any]) -> list[Any]:
+    instances = answer.get("instances")
+    return instances if isinstance(instances, list) else []
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sorts web-2 before web-10: digit runs compare as numbers (a str, int, str... list)."""
+    return [int(part) if index % 2 else part for index, part in enumerate(_DIGITS.split(text))]
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
 def format_services(listing: Sequence[tuple[str, Sequence[Any]]], now: float) -> list[str]:
-    """An aligned table, one line per instance and one for a service without any."""
+    """An aligned table, one line per instance and one for a service without any, then a
+    summary line per service. ADDRESS only when some instance's id is not its address."""
     if not listing:
         return ["no services registered"]
+    services = [
+        (name, sorted((i for i in instances if isinstance(i, dict)), key=_instance_key))
+        for name, instances in sorted(listing, key=lambda item: natural_key(item[0]))
+    ]
+    cells = {
+        id(instance): _instance_cells(instance, now)
+        for _, instances in services
+        for instance in instances
+    }
+    addressed = any(row[0] != row[1] for row in cells.values())
     header = ("SERVICE", "INSTANCE", "ADDRESS", "STATE", "HEALTH", "WEIGHT", "IN_FLIGHT", "EXPIRES")
     rows: list[tuple[str, ...]] = [header]
-    for name, instances in sorted(listing, key=lambda item: item[0]):
-        entries = [i for i in instances if isinstance(i, dict)]
-        if not entries:
+    for name, instances in services:
+        if not instances:
             rows.append((name, "-", "-", "-", "-", "-", "-", "-"))
-        for instance in sorted(entries, key=lambda i: str(i.get("id", ""))):
-            rows.append((name, *_instance_cells(instance, now)))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    return [
+        rows.extend((name, *cells[id(instance)]) for instance in instances)
+    if not addressed:
+        rows = [row[:2] + row[3:] for row in rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    table = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+    return [*table, "", *(summary(name, instances) for name, instances in services)]
+
+
+def _instance_key(instance: Mapping[str, Any]) -> list[Any]:
+    return natural_key(str(instance.get("id", "")))
+
+
+def summary(name: str, instances: Sequence[Mapping[str, Any]]) -> str:
+    """``web: 3 instances, 2 healthy, 1 failing, 1 draining``."""
+    if not instances:
+        return f"{name}: no instances"
+    healths = Counter(str(i["health"]) for i in instances if "health" in i)
+    parts = [plural(len(instances), "instance"), f"{healths.pop('healthy', 0)} healthy"]
+    parts.extend(f"{count} {health}" for health, count in sorted(healths.items()))
+    draining = sum(1 for i in instances if i.get("state") == "draining")
+    if draining:
+        parts.append(f"{draining} draining")
+    return f"{name}: {', '.join(parts)}"
 
 
 def _instance_cells(instance: Mapping[str, Any], now: float) -> tuple[str, ...]:
@@ -93,8 +164,18 @@ def _expires(value: object, now: float) -> str:
     return f"{math.ceil(remaining)}s" if remaining > 0 else "expired"
 
 
-def registration_body(service: str, address: str, ttl: str) -> dict[str, Any]:
-    """The register body for ``gateway register``; ValueError with a one-line message."""
+def registration_body(
+    service: str,
+    address: str,
+    ttl: str,
+    *,
+    weight: str | None = None,
+    metadata: Sequence[str] = (),
+    instance_id: str | None = None,
+    scheme: str | None = None,
+) -> dict[str, Any]:
+    """The register body for ``gateway register``; ValueError with a one-line message.
+    Fields not given are left out: the registry's defaults apply (SPEC section 4)."""
     try:
         validate_service_name(service)
     except InvalidField as exc:
@@ -106,7 +187,33 @@ def registration_body(service: str, address: str, ttl: str) -> dict[str, Any]:
         raise ValueError(f"invalid --ttl: {exc}") from None
     if seconds < 1:
         raise ValueError(f"invalid --ttl {ttl!r}: a lease lasts at least 1s")
-    return {"host": host, "port": port, "ttl": ttl.strip()}
+    body: dict[str, Any] = {"host": host, "port": port, "ttl": ttl.strip()}
+    try:
+        if weight is not None:
+            body["weight"] = validate_weight(int(weight) if weight.strip().isdigit() else weight)
+        if metadata:
+            body["metadata"] = validate_metadata(_metadata(metadata))
+        if instance_id is not None:
+            body["id"] = validate_id(instance_id)
+        if scheme is not None:
+            body["scheme"] = validate_scheme(scheme)
+    except InvalidField as exc:
+        given = {"weight": weight, "id": instance_id, "scheme": scheme}.get(exc.field)
+        shown = f" {given!r}" if given is not None else ""
+        raise ValueError(f"invalid --{exc.field}{shown}: {exc.message}") from None
+    return body
+
+
+def _metadata(pairs: Sequence[str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"invalid --metadata {pair!r}: use KEY=VALUE, e.g. version=1.4")
+        if key.strip() in metadata:
+            raise ValueError(f"invalid --metadata {pair!r}: {key.strip()} is given twice")
+        metadata[key.strip()] = value
+    return metadata
 
 
 def parse_instance_address(address: str) -> tuple[str, int]:
@@ -177,13 +284,107 @@ def run_sidecar(
     address: str,
     ttl: str,
     *,
+    weight: str | None = None,
+    metadata: Sequence[str] = (),
+    instance_id: str | None = None,
+    scheme: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     try:
-        body = registration_body(service, address, ttl)
+        body = registration_body(
+            service,
+            address,
+            ttl,
+            weight=weight,
+            metadata=metadata,
+            instance_id=instance_id,
+            scheme=scheme,
+        )
         client = AdminClient(admin_url, token)
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     with signals_as_keyboard_interrupt(), console_output():
         return Sidecar(client, service, body, sleep=sleep).run()
+
+
+POLL_INTERVAL = 0.5
+
+
+def drain(
+    admin_url: str,
+    token: str | None,
+    service: str,
+    instance_id: str,
+    *,
+    wait_for: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """``gateway drain``: PATCH the state to draining; with ``wait_for`` (a duration), poll
+    until the instance has nothing in flight or is gone, for that long at most."""
+    label = f"{service}/{instance_id}"
+    try:
+        timeout = None if wait_for is None else parse_duration(wait_for)
+    except ValueError as exc:
+        print(f"gateway: invalid --timeout: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = AdminClient(admin_url, token)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        answer = client.update(service, instance_id, {"state": "draining"})
+        print(f"draining {label}: no new requests; {_in_flight(answer)} in flight", flush=True)
+        if timeout is None:
+            return 0
+        deadline = clock() + timeout
+        while (instance := _instance(client, service, instance_id)) is not None:
+            if instance.get("in_flight") == 0:
+                print(f"{label} has no requests in flight", flush=True)
+                return 0
+            if clock() >= deadline:
+                print(
+                    f"gateway: {label} still has {_in_flight(instance)} in flight after {wait_for}",
+                    file=sys.stderr,
+                )
+                return 1
+            sleep(POLL_INTERVAL)
+        print(f"{label} is gone from the registry", flush=True)
+        return 0
+    except (AdminError, AdminUnreachable) as exc:
+        print(f"gateway: {describe_failure(exc, client.base_url)}", file=sys.stderr)
+        return 1
+
+
+def _in_flight(instance: Mapping[str, Any]) -> str:
+    count = instance.get("in_flight")
+    return plural(count, "request") if isinstance(count, int) else "? requests"
+
+
+def _instance(client: AdminClient, service: str, instance_id: str) -> dict[str, Any] | None:
+    """The instance as listed, or None once it (or its whole service) is gone."""
+    try:
+        instances = _listed(client.service(service))
+    except AdminError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return next((i for i in instances if isinstance(i, dict) and i.get("id") == instance_id), None)
+
+
+def deregister(admin_url: str, token: str | None, service: str, instance_id: str) -> int:
+    """``gateway deregister``: DELETE the instance."""
+    try:
+        client = AdminClient(admin_url, token)
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client.deregister(service, instance_id)
+    except (AdminError, AdminUnreachable) as exc:
+        print(f"gateway: {describe_failure(exc, client.base_url)}", file=sys.stderr)
+        return 1
+    print(f"deregistered {service}/{instance_id}")
+    return 0

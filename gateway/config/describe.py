@@ -5,6 +5,11 @@ from __future__ import annotations
 from gateway.config.model import Config, ProxySettings, RouteConfig
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 route``, ``3 routes``: a count with its noun (nouns that take an s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def describe_routes(config: Config) -> list[str]:
     """The routing table for ``gateway check``: host, prefix, service and non-default options."""
     rows = [
@@ -25,7 +30,8 @@ def describe_routes(config: Config) -> list[str]:
 
 
 def shadow_warnings(config: Config) -> list[str]:
-    """Warn where a longer prefix takes paths from the route that would otherwise match."""
+    """Warn where a longer prefix takes paths from the route that would otherwise match.
+    Not from a catch-all ``/``: taking what the longer prefixes leave is what it is for."""
     filename = str(config.path) if config.path is not None else "routes.yaml"
     first: dict[tuple[str | None, str], RouteConfig] = {}
     for route in config.routes:
@@ -33,7 +39,7 @@ def shadow_warnings(config: Config) -> list[str]:
     warnings = []
     for route in config.routes:
         nearest = _nearest_cover(first, route)
-        if nearest is not None and nearest.service != route.service:
+        if nearest is not None and nearest.prefix != "/" and nearest.service != route.service:
             warnings.append(
                 f"warning: {filename}:{route.line}: prefix {route.prefix} (service {route.service})"
                 f" shadows part of {nearest.prefix} (service {nearest.service})"

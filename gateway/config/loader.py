@@ -89,8 +89,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError([f"{file}: cannot read: {reason}"]) from None
+    if _is_empty(text):  # parse_config("") is a valid (default) config; an empty file is a slip
+        raise ConfigError(
+            [
+                f"{file} is empty: give it at least a routes: list, e.g. "
+                "routes: [{prefix: /, service: web}]"
+            ]
+        )
     config = parse_config(text, filename=str(file), base_dir=file.absolute().parent)
     return replace(config, path=file)
+
+
+def _is_empty(text: str) -> bool:
+    """Nothing but blank lines and comments."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
 
 
 def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None = None) -> Config:
@@ -101,6 +113,8 @@ def parse_config(text: str, filename: str = "routes.yaml", base_dir: Path | None
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem:  # PyYAML: "found character '\\t' that cannot start any token"
+            problem = "a tab character; YAML indents with spaces"
         raise ConfigError([f"{filename}:{line}: {problem}"]) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1

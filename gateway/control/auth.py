@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from gateway.config.model import AdminConfig
 from registry.core.errors import ApiError
 from registry.core.models import rfc3339
+from registry.core.policy import is_loopback
 
 READS = frozenset({"GET", "HEAD"})
 
@@ -45,6 +46,27 @@ def tokens_from(admin: AdminConfig, environ: Mapping[str, str]) -> tuple[list[To
         else:
             warnings.append(f"admin token {each.name!r} is off: {each.token_env} is not set")
     return tokens, warnings
+
+
+def open_admin_refusal(
+    admin: AdminConfig, listen: tuple[str, int], tokens: list[Token], config_file: str
+) -> str | None:
+    """Why not to start (``gateway run``, and ``gateway check`` too): an admin listener off
+    loopback with no token set. The message names what to set in ``config_file``."""
+    if is_loopback(listen[0]) or tokens:
+        return None
+    variables = [v for v in [admin.token_env] if v] + [t.token_env for t in admin.tokens]
+    if variables:
+        fix = f"export {' or '.join(variables)}=<secret> (named under admin: in {config_file})"
+    else:
+        fix = (
+            f"add 'token_env: GATEWAY_ADMIN_TOKEN' under admin: in {config_file} "
+            "and export GATEWAY_ADMIN_TOKEN=<secret>"
+        )
+    return (
+        f"admin listener {listen[0]}:{listen[1]} is not on loopback and no admin token is "
+        f"set: {fix}, or listen on 127.0.0.1"
+    )
 
 
 def identify(tokens: list[Token], authorization: str) -> Token:

@@ -59,6 +59,9 @@ class AdminClient:
     def heartbeat(self, service: str, instance_id: str) -> dict[str, Any]:
         return _object(self._call("PUT", f"{_instance_path(service, instance_id)}/heartbeat"))
 
+    def update(self, service: str, instance_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return _object(self._call("PATCH", _instance_path(service, instance_id), body))
+
     def deregister(self, service: str, instance_id: str) -> None:
         self._call("DELETE", _instance_path(service, instance_id))
 

@@ -24,11 +24,6 @@ from registry.core.units import parse_duration
 
 log = logging.getLogger("registry.sidecar")
 
-# gateway services
-
-
-# gateway register
-
 
 class _Stopped(Exception):
     """The ``stop`` check said so; handled like Ctrl-C."""
@@ -83,6 +78,8 @@ class Sidecar:
         return f"{self.service}/{self.instance_id or self._default_id()}"
 
     def _default_id(self) -> str:
+        if self.body.get("id"):
+            return str(self.body["id"])
         return format_address(str(self.body.get("host")), int(self.body.get("port") or 0))
 
     def run(self) -> int:
