@@ -25,9 +25,15 @@ MAX_WAIT = 300.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def dumps(data: Any) -> str:
+    """JSON as the admin listener answers it: one line, ending with a newline (curl's
+    output then ends before the prompt)."""
+    return json.dumps(data) + "\n"
+
+
 def _json(data: Any, status: int = 200, index: int | None = None) -> web.Response:
     headers = {"X-Registry-Index": str(index)} if index is not None else None
-    return web.json_response(data, status=status, headers=headers)
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
 
 
 async def _read_body(request: web.Request) -> Mapping[str, Any]:

@@ -116,20 +116,22 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok"}, dumps=registry_api.dumps)
 
 
 async def readyz(request: web.Request) -> web.Response:
     reason = request.app[READINESS].get("reason") or request.app[registry_api.BACKEND].problem()
     if reason:
-        return web.json_response({"status": "degraded", "reason": reason}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response(
+            {"status": "degraded", "reason": reason}, status=503, dumps=registry_api.dumps
+        )
+    return web.json_response({"status": "ready"}, dumps=registry_api.dumps)
 
 
 async def openapi(request: web.Request) -> web.Response:
     secured = bool(request.app[TOKENS])
     max_ttl = request.app[registry_api.BACKEND].store.max_ttl
-    return web.json_response(document(secured, max_ttl))
+    return web.json_response(document(secured, max_ttl), dumps=registry_api.dumps)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -162,7 +164,8 @@ async def routes(request: web.Request) -> web.Response:
                     "service": route.service,
                     "upstream_path": match.upstream_path,
                 }
-            }
+            },
+            dumps=registry_api.dumps,
         )
     table = proxy.table
     cached = request.app[ROUTE_JSON]
@@ -178,7 +181,7 @@ async def routes(request: web.Request) -> web.Response:
             panic = "true" if registry.in_panic(service) else "false"
             tail = counts[service] = f'{instances}, "healthy": {healthy}, "panic": {panic}}}'
         listed.append(head + tail)
-    body = '{"routes": [' + ", ".join(listed) + "]}"
+    body = '{"routes": [' + ", ".join(listed) + "]}\n"
     return web.Response(text=body, content_type="application/json")
 
 

@@ -462,8 +462,9 @@ _VIA_ID: Final = b"Via: 1.1 gateway\r\nX-Request-ID: "
 
 
 def error_body(code: str, message: str) -> bytes:
-    """SPEC's JSON error shape (the admin listener answers the same bytes)."""
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    """SPEC's JSON error shape (the admin listener answers the same bytes); a line, so
+    that curl's output ends before the prompt."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
 
 
 def error_bytes(
