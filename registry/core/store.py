@@ -65,6 +65,20 @@ PRESERVE_MIN: Final = 2
 log = logging.getLogger("registry")
 
 
+def _rotate(
+    members: list[Instance], turn: int, exclude: Collection[str]
+) -> tuple[Instance | None, int]:
+    """Plain round-robin from ``turn``: the first member a retry has not tried
+    (``exclude``), and the turn after it."""
+    count = len(members)
+    for _ in range(count):
+        instance = members[turn % count]
+        turn += 1
+        if instance.id not in exclude:
+            return instance, turn
+    return None, turn
+
+
 class _Service:
     """One service's instances and what is kept counted of them as they change.
 
@@ -615,13 +629,7 @@ class Registry:
         if service.balancing is not None:
             chosen = self._balanced(service, service.balancing, exclude)
         elif len(service.weights) == 1:  # equal weights: a plain rotation is the same order
-            for _ in range(count):  # a retry skips the instances it tried already
-                turn = service.turn
-                service.turn = turn + 1
-                instance = routable[turn % count]
-                if instance.id not in exclude:
-                    chosen = instance
-                    break
+            chosen, service.turn = _rotate(routable, service.turn, exclude)
         else:
             schedule = service.schedule
             if schedule is None:
@@ -659,18 +667,10 @@ class Registry:
     def _panic_pick(self, service: _Service, exclude: Collection[str]) -> Instance | None:
         """In panic: plain round-robin over the up instances, whatever their health
         (never a draining one); a lease is checked as in pick."""
-        live_up = service.live_up
-        count = len(live_up)
-        for _ in range(count):
-            turn = service.panic_turn
-            service.panic_turn = turn + 1
-            instance = live_up[turn % count]
-            if instance.id in exclude:
-                continue
-            if self._ended(service, instance):
-                return self.pick(service.name, exclude)
-            return instance
-        return None
+        instance, service.panic_turn = _rotate(service.live_up, service.panic_turn, exclude)
+        if instance is not None and self._ended(service, instance):
+            return self.pick(service.name, exclude)
+        return instance
 
     def _remove_ended(self, service: _Service, instance: Instance) -> None:
         """After expire(): an instance whose lease still reads as ended goes (expire()
@@ -762,14 +762,7 @@ class Registry:
         if matching.schedule is not None:
             chosen = matching.schedule.pick(exclude)
         else:
-            count = len(members)
-            for _ in range(count):  # a retry skips the instances it tried already
-                turn = matching.turn
-                matching.turn = turn + 1
-                instance = members[turn % count]
-                if instance.id not in exclude:
-                    chosen = instance
-                    break
+            chosen, matching.turn = _rotate(members, matching.turn, exclude)
         if chosen is not None and self._ended(service, chosen):  # the list is rebuilt
             return self.pick_matching(name, metadata, exclude)
         return chosen
