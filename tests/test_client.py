@@ -49,6 +49,7 @@ class FakeAdmin:
     requests: list[Seen] = field(default_factory=list)
     queued: list[Answer] = field(default_factory=list)
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    busy_for: int = 0  # looks at a draining instance before its requests are done
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def queue(self, *answers: Answer) -> None:
@@ -70,13 +71,31 @@ class FakeAdmin:
             self.instances[instance_id] = {"id": instance_id, "host": body["host"]}
             answer = {**self.instances[instance_id], "ttl": 30, "heartbeat_interval": 10}
             return (201 if created else 200), answer
+        if seen.method == "GET" and len(parts) == 4:
+            listed = [i for i in list(self.instances.values()) if self._still_busy(i)]
+            return 200, {"name": parts[3], "instances": listed}
         known = len(parts) > 5 and _unquote(parts[5]) in self.instances
         if not known:
             return 404, {"error": {"code": "unknown_instance", "message": "no such instance"}}
+        instance_id = _unquote(parts[5])
         if seen.method == "PUT":
-            return 200, {"id": _unquote(parts[5]), "ttl": 30, "heartbeat_interval": 10}
-        del self.instances[_unquote(parts[5])]
+            return 200, {"id": instance_id, "ttl": 30, "heartbeat_interval": 10}
+        if seen.method == "PATCH":
+            self.instances[instance_id].update(seen.body)
+            return 200, {**self.instances[instance_id], "in_flight": self.busy_for}
+        del self.instances[instance_id]
         return 204, None
+
+    def _still_busy(self, instance: dict[str, Any]) -> bool:
+        """A draining instance marked deregister_when_idle is listed while ``busy_for``
+        (looks at it) lasts, as if requests were in flight, then removed."""
+        if not instance.get("deregister_when_idle"):
+            return True
+        if self.busy_for > 0:
+            self.busy_for -= 1
+            return True
+        del self.instances[instance["id"]]
+        return False
 
     def paths(self, method: str | None = None) -> list[str]:
         return [s.path for s in self.requests if method is None or s.method == method]
@@ -114,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep the fake's access log out of capsys
@@ -306,8 +325,10 @@ def test_sidecar_heartbeats_then_deregisters_on_ctrl_c(
         instance + "/heartbeat",
         instance + "/heartbeat",
         instance,
+        "/registry/services/users",
     ]
-    assert admin.requests[-1].method == "DELETE"
+    assert admin.requests[-2].method == "PATCH"  # drained; removed by the gateway once idle
+    assert admin.requests[-2].body == {"state": "draining", "deregister_when_idle": True}
     assert admin.instances == {}
     out = capsys.readouterr().out.splitlines()
     assert out == [
@@ -324,7 +345,7 @@ def test_stop_check_ends_the_loop_like_ctrl_c(admin: FakeAdmin) -> None:
     ).run()
 
     assert code == 0
-    assert [s.method for s in admin.requests] == ["POST", "PUT", "DELETE"]
+    assert [s.method for s in admin.requests] == ["POST", "PUT", "PATCH", "GET"]
 
 
 def test_heartbeat_404_registers_again(
@@ -339,7 +360,7 @@ def test_heartbeat_404_registers_again(
     code = Sidecar(AdminClient(admin.url), "users", BODY, sleep=FakeSleep(forget)).run()
 
     assert code == 0
-    assert [s.method for s in admin.requests] == ["POST", "PUT", "PUT", "POST", "DELETE"]
+    assert [s.method for s in admin.requests] == ["POST", "PUT", "PUT", "POST", "PATCH", "GET"]
     assert admin.requests[3].body == BODY
     out = capsys.readouterr().out
     assert "lease of users/127.0.0.1:9001 is gone (admin answered 404); registering again" in out
@@ -362,7 +383,7 @@ def test_unreachable_admin_backs_off_then_recovers(
 
     assert code == 0
     assert sleep.delays == [0.5, 1, 2, 4, 5, 5, 10, 10]
-    assert [s.method for s in admin.requests] == ["POST", "PUT", "DELETE"]
+    assert [s.method for s in admin.requests] == ["POST", "PUT", "PATCH", "GET"]
     captured = capsys.readouterr()
     retries = captured.err.splitlines()
     assert len(retries) == 6
@@ -382,7 +403,7 @@ def test_heartbeat_5xx_is_retried_and_backoff_stays_within_a_third_of_the_ttl(
         overloaded,
         overloaded,
         (200, {"id": "127.0.0.1:9001", "ttl": 3, "heartbeat_interval": 1}),
-        (204, None),
+        (200, {"id": "127.0.0.1:9001", "state": "draining"}),
     )
     sleep = FakeSleep(interrupt_on(5))
 
@@ -390,7 +411,15 @@ def test_heartbeat_5xx_is_retried_and_backoff_stays_within_a_third_of_the_ttl(
 
     assert code == 0
     assert sleep.delays == [1, 0.5, 1, 1, 1]
-    assert [s.method for s in admin.requests] == ["POST", "PUT", "PUT", "PUT", "PUT", "DELETE"]
+    assert [s.method for s in admin.requests] == [
+        "POST",
+        "PUT",
+        "PUT",
+        "PUT",
+        "PUT",
+        "PATCH",
+        "GET",
+    ]
     captured = capsys.readouterr()
     assert "gateway: admin answered 503 overloaded: too busy; retrying in 0.5s" in captured.err
     assert "admin reachable again; lease of users/127.0.0.1:9001 renewed" in captured.out
@@ -448,6 +477,74 @@ def test_failed_deregistration_says_the_lease_will_end(
     )
 
 
+def interrupt_once_on(call: int) -> Callable[[int, float], None]:
+    def hook(n: int, seconds: float) -> None:
+        if n == call:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_leaving_waits_until_the_gateway_has_no_request_in_flight(
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
+) -> None:
+    admin.busy_for = 3  # three looks at the draining instance before its requests are done
+    sleep = FakeSleep(interrupt_once_on(2))
+
+    assert Sidecar(AdminClient(admin.url), "users", BODY, sleep=sleep).run() == 0
+
+    assert sleep.delays == [10, 10, 0.1, 0.1, 0.1]
+    assert [s.method for s in admin.requests] == ["POST", "PUT", "PATCH"] + ["GET"] * 4
+    assert admin.instances == {}
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "draining users/127.0.0.1:9001: waiting for its requests in flight",
+        "deregistered users/127.0.0.1:9001",
+    ]
+
+
+def test_draining_longer_than_drain_timeout_deregisters_anyway(
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
+) -> None:
+    admin.busy_for = 1000  # a request that never ends
+    sleep = FakeSleep(interrupt_once_on(1))
+    sidecar = Sidecar(AdminClient(admin.url), "users", BODY, sleep=sleep, drain_timeout=0.3)
+
+    assert sidecar.run() == 0
+
+    assert [s.method for s in admin.requests][-2:] == ["GET", "DELETE"]
+    assert sleep.delays == [10, 0.1, 0.1, 0.1]
+    assert admin.instances == {}
+    assert capsys.readouterr().err == (
+        "gateway: deregistered users/127.0.0.1:9001 with requests still in flight after 0.3s\n"
+    )
+
+
+def test_a_second_ctrl_c_while_draining_deregisters_at_once(
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], printed: None
+) -> None:
+    admin.busy_for = 1000
+    sleep = FakeSleep(interrupt_on(1))  # the first poll's wait is interrupted too
+
+    assert Sidecar(AdminClient(admin.url), "users", BODY, sleep=sleep).run() == 0
+
+    assert [s.method for s in admin.requests] == ["POST", "PATCH", "GET", "DELETE"]
+    assert admin.instances == {}
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "interrupted while draining users/127.0.0.1:9001: deregistering now",
+        "deregistered users/127.0.0.1:9001",
+    ]
+
+
+def test_a_sidecar_thread_leaves_when_the_service_says_so(admin: FakeAdmin) -> None:
+    sidecar = Sidecar(AdminClient(admin.url), "users", BODY)  # real waits, 10 s heartbeats
+    sidecar.start()
+    sidecar.leave(timeout=10)  # does not wait for the next heartbeat to notice
+
+    assert sidecar.code == 0
+    assert [s.method for s in admin.requests] == ["POST", "PATCH", "GET"]
+    assert admin.instances == {}
+
+
 def test_ctrl_c_before_registering_exits_0(closed_url: str) -> None:
     sleep = FakeSleep(interrupt_on(1))
 
@@ -466,7 +563,7 @@ def test_run_sidecar_registers_and_deregisters(
 
     assert code == 0
     assert admin.requests[0].body == {"host": "::1", "port": 9000, "ttl": "30s"}
-    assert admin.requests[-1].path == "/registry/services/users/instances/%5B%3A%3A1%5D%3A9000"
+    assert admin.requests[-2].path == "/registry/services/users/instances/%5B%3A%3A1%5D%3A9000"
     assert "deregistered users/[::1]:9000" in capsys.readouterr().out
 
 

@@ -4,10 +4,16 @@ after the registry lost the instance, drain and deregister on exit."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
+import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -87,3 +93,84 @@ async def test_register_app_for_an_aiohttp_service(
     finally:
         await server.close()  # shutdown: drained and deregistered
     assert (await listed(gw))[1] == []
+
+
+async def upstream_errors(gw: RunningGateway) -> float:
+    async with gw.session.get(gw.admin_url + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gateway_upstream_errors_total{") and 'service="web"' in line
+    )
+
+
+class Load:
+    """POSTs through the gateway back to back (not retried once sent: a request cut or
+    refused on the way shows), recording status and error code."""
+
+    def __init__(self, gw: RunningGateway) -> None:
+        self.gw = gw
+        self.outcomes: list[tuple[int, str]] = []
+        self.grew = asyncio.Condition()
+        self.done = False
+
+    async def run(self) -> None:
+        while not self.done:
+            async with self.gw.session.post(self.gw.proxy_url + "/w", data=b"order") as response:
+                body = await response.text()
+                code = "" if response.status == 200 else json.loads(body)["error"]["code"]
+            async with self.grew:
+                self.outcomes.append((response.status, code))
+                self.grew.notify_all()
+
+    async def reaches(self, count: int) -> None:
+        async with self.grew:
+            await self.grew.wait_for(lambda: len(self.outcomes) >= count)
+
+
+@pytest.mark.parametrize("handle_signals", [True, False], ids=["leaves-first", "old-way"])
+async def test_a_lone_instance_stopped_under_load_fails_no_request(
+    gateway_factory: GatewayFactory, handle_signals: bool
+) -> None:
+    gw = await gateway_factory(ROUTES)
+    flags = [] if handle_signals else ["--no-signals"]
+    service = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.leaving_service", gw.admin_url, *flags,
+        cwd=Path(__file__).parent.parent, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    load = Load(gw)
+    clients: list[asyncio.Task[None]] = []
+    try:
+        async with asyncio.timeout(20):
+            assert service.stderr is not None
+            first = await service.stderr.readline()  # its startup registered it
+            assert b"registered" in first, first
+            clients = [asyncio.create_task(load.run()) for _ in range(8)]
+            await load.reaches(200)
+            service.send_signal(signal.SIGTERM)  # with 8 requests in flight on it
+            _, rest = await service.communicate()
+            log = (first + rest).decode()
+            await load.reaches(len(load.outcomes) + 50)  # and after it is gone
+    finally:
+        load.done = True
+        await asyncio.gather(*clients)
+        if service.returncode is None:
+            service.kill()
+            await service.wait()
+    outcomes = load.outcomes
+    statuses = collections.Counter(status for status, _ in outcomes)
+    assert service.returncode == 0
+    if not handle_signals:  # the listener closed while the gateway still routed to it
+        assert statuses[502] > 0 and await upstream_errors(gw) > 0
+        return
+    assert set(statuses) == {200, 503}, statuses  # no 502, no 504
+    assert await upstream_errors(gw) == 0  # nothing was refused or cut
+    assert {code for status, code in outcomes if status == 503} == {"no_healthy_instance"}
+    assert statuses[200] >= 208  # the 8 in flight at the signal were answered too
+    assert (await listed(gw))[1] == []
+    instance = "web/" + first.decode().split()[1].split("/")[1]
+    assert log.splitlines()[-2:] == [
+        f"registry.client: {instance} draining: no new requests",
+        f"registry.client: {instance} deregistered",
+    ]

@@ -6,12 +6,17 @@
 On entry the instance is registered (if the admin is away, the entry does not wait:
 it keeps trying in the background, backing off up to 30 s); then it heartbeats at a
 third of its ttl, with jitter so that a fleet does not beat in step, and registers
-again when a heartbeat answers 404 (the lease ended, or the registry lost it). On exit
-it is marked draining, then deregistered, before the service stops listening: no new
-request is routed to an instance about to go.
+again when a heartbeat answers 404 (the lease ended, or the registry lost it).
 
-For aiohttp applications, ``register_app(app, admin_url, service, port)`` does the same
-around the application's life (startup, shutdown). Logs on ``registry.client``.
+On exit (``leave``) it is marked draining with ``deregister_when_idle``: the gateway
+sends it no new request and removes it once the requests it already sent are done;
+``leave`` returns then (or after ``drain_timeout``, deregistering it anyway). Leave
+before the service closes its listener and no client sees a refused connection.
+
+For aiohttp applications, ``register_app(app, admin_url, service, port=...)`` does the
+same around the application's life: on SIGTERM or SIGINT under ``web.run_app`` it
+leaves first and only then lets aiohttp stop listening (aiohttp itself closes the
+listener before its shutdown hooks run). Logs on ``registry.client``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
+import threading
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -30,6 +37,7 @@ log = logging.getLogger("registry.client")
 
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+DRAIN_POLL = 0.1  # seconds between looks at a draining instance
 
 
 class Registration:
@@ -45,8 +53,10 @@ class Registration:
         token: str | None = None,
         metadata: Mapping[str, str] | None = None,
         weight: int | None = None,
+        drain_timeout: float = 30.0,
     ) -> None:
-        self.base = admin_url.rstrip("/") + f"/registry/services/{service}/instances"
+        self.service_url = admin_url.rstrip("/") + f"/registry/services/{service}"
+        self.base = self.service_url + "/instances"
         self.service = service
         self.body: dict[str, Any] = {"host": host, "port": port, "ttl": ttl}
         if instance_id is not None:
@@ -60,6 +70,7 @@ class Registration:
         self.interval = 10.0  # seconds between heartbeats: the registry's answer says
         self.heartbeats = 0  # answered heartbeats, for the curious (and the tests)
         self.registrations = 0
+        self.drain_timeout = drain_timeout
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -74,25 +85,68 @@ class Registration:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        await self.leave()
+
+    async def leave(self, *, drain: bool = True) -> None:
+        """Stop heartbeating, drain, wait until the gateway has nothing in flight on this
+        instance (it then removes it), at most ``drain_timeout``; deregister. Once.
+        ``drain=False`` deregisters at once: for a service that has stopped listening
+        already, whose requests in flight could be waited for in vain."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        if self._session is None:
+            return
         try:
-            if self.instance_id is not None:
-                url = f"{self.base}/{self.instance_id}"
-                async with self._client().patch(
-                    url, json={"state": "draining"}, headers=self.headers
-                ):
-                    pass
-                async with self._client().delete(url, headers=self.headers) as answer:
-                    if answer.status in (204, 404):
-                        log.info("%s/%s deregistered", self.service, self.instance_id)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("%s: could not deregister (%s); its lease will end", self.service, exc)
+            if self.instance_id is not None and drain:
+                await self._drain()
+            elif self.instance_id is not None:
+                await self._deregister()
+        except (aiohttp.ClientError, TimeoutError, RegistrationRefused) as exc:
+            log.warning("%s/%s: could not deregister (%s); its lease will end", self.service,
+                        self.instance_id, exc)  # fmt: skip
         finally:
-            if self._session is not None:
-                await self._session.close()
+            await self._session.close()
+            self._session = None
+
+    async def _drain(self) -> None:
+        url = f"{self.base}/{self.instance_id}"
+        body = {"state": "draining", "deregister_when_idle": True}
+        async with self._client().patch(url, json=body, headers=self.headers) as answer:
+            if answer.status == 404:
+                log.info("%s/%s deregistered (its lease had ended)", self.service,
+                         self.instance_id)  # fmt: skip
+                return
+            if answer.status != 200:
+                raise RegistrationRefused(answer.status, await answer.json(content_type=None))
+        log.info("%s/%s draining: no new requests", self.service, self.instance_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        while loop.time() < deadline:
+            if not await self._listed():
+                log.info("%s/%s deregistered", self.service, self.instance_id)
+                return
+            await asyncio.sleep(DRAIN_POLL)
+        await self._deregister(f" with requests still in flight after {self.drain_timeout}s")
+
+    async def _deregister(self, why: str = "") -> None:
+        url = f"{self.base}/{self.instance_id}"
+        async with self._client().delete(url, headers=self.headers) as answer:
+            if answer.status not in (204, 404):
+                raise RegistrationRefused(answer.status, await answer.json(content_type=None))
+        log.log(logging.WARNING if why else logging.INFO, "%s/%s deregistered%s", self.service,
+                self.instance_id, why)  # fmt: skip
+
+    async def _listed(self) -> bool:
+        async with self._client().get(self.service_url, headers=self.headers) as answer:
+            if answer.status == 404:
+                return False
+            data = await answer.json(content_type=None)
+            if answer.status != 200:
+                raise RegistrationRefused(answer.status, data)
+        return any(i.get("id") == self.instance_id for i in data.get("instances", []))
 
     def _client(self) -> aiohttp.ClientSession:
         assert self._session is not None
@@ -141,18 +195,56 @@ class RegistrationRefused(Exception):
         self.status = status
 
 
-def register_app(app: web.Application, admin_url: str, service: str, **kw: Any) -> None:
-    """Register an aiohttp application's instance for as long as it runs: registered at
-    startup, drained and deregistered at shutdown (aiohttp has stopped accepting by then;
-    the gateway sends a request refused meanwhile to another instance)."""
+def register_app(
+    app: web.Application,
+    admin_url: str,
+    service: str,
+    *,
+    handle_signals: bool = True,
+    **kw: Any,
+) -> Registration:
+    """Register an aiohttp application's instance for as long as it runs.
+
+    Registered at startup. With ``handle_signals`` (and the loop in the main thread, as
+    under ``web.run_app``), SIGTERM and SIGINT first drain and deregister it, then stop the
+    application as run_app would: requests the gateway already sent are answered, and the
+    listener closes only after. A second signal stops at once. Otherwise it is deregistered
+    at shutdown, after aiohttp has closed the listener: requests routed to it meanwhile are
+    refused (the gateway sends them elsewhere when it can).
+    """
     registration = Registration(admin_url, service, **kw)
 
     async def life(_: web.Application) -> AsyncIterator[None]:
         await registration.__aenter__()
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            _leave_on_signals(registration)
         yield
 
     async def leave(_: web.Application) -> None:
-        await registration.__aexit__(None, None, None)
+        await registration.leave(drain=False)  # a no-op when a signal made it leave already
 
     app.cleanup_ctx.append(life)
     app.on_shutdown.append(leave)
+    return registration
+
+
+def _leave_on_signals(registration: Registration) -> None:
+    loop = asyncio.get_running_loop()
+    leaving: list[asyncio.Task[None]] = []
+
+    async def leave_then_exit() -> None:
+        await registration.leave()
+        loop.call_soon(_exit)  # out of the loop to run_app, which stops listening and cleans up
+
+    def on_signal() -> None:
+        if leaving:
+            _exit()  # a second signal: stop now
+        leaving.append(loop.create_task(leave_then_exit()))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows has no add_signal_handler
+            loop.add_signal_handler(signum, on_signal)
+
+
+def _exit() -> None:
+    raise web.GracefulExit  # what run_app's own signal handler raises

@@ -1,12 +1,17 @@
 """``Sidecar`` keeps one instance's lease alive, from a thread of the service or from
 ``gateway register``. It logs (logger ``registry.sidecar``: what happens at info,
 trouble at warning) and prints nothing; the CLI (gateway.cli.registry) prints.
+
+In a service: ``sidecar.start()`` at start-up; at shutdown ``sidecar.leave()`` *before*
+closing the listener. Leaving drains the instance: the gateway sends no new request and
+removes it once the requests already sent are answered; ``leave`` returns then.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +28,9 @@ from registry.core.models import format_address
 from registry.core.units import parse_duration
 
 log = logging.getLogger("registry.sidecar")
+
+DRAIN_POLL = 0.1  # seconds between looks at a draining instance
+DRAIN_TIMEOUT = 30.0  # then it is deregistered with requests still in flight
 
 
 class _Stopped(Exception):
@@ -47,11 +55,12 @@ class Backoff:
 
 
 class Sidecar:
-    """Register an instance, renew its lease until stopped, then deregister it.
+    """Register an instance, renew its lease until stopped, then drain and deregister it.
 
     Time passes only through ``sleep``; Ctrl-C is a KeyboardInterrupt out of ``sleep`` or
-    a call, or ``stop()`` turning true. The first registration's 4xx ends the run (exit 1);
-    after that every failure is retried, and a 404 heartbeat registers again.
+    a call, or ``stop()`` turning true, or ``leave()`` from another thread. The first
+    registration's 4xx ends the run (exit 1); after that every failure is retried, and a
+    404 heartbeat registers again. A second Ctrl-C while draining deregisters at once.
     """
 
     def __init__(
@@ -60,18 +69,42 @@ class Sidecar:
         service: str,
         body: Mapping[str, Any],
         *,
-        sleep: Callable[[float], None] = time.sleep,
-        stop: Callable[[], bool] = lambda: False,
+        sleep: Callable[[float], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         self.client = client
         self.service = service
         self.body = dict(body)
-        self.sleep = sleep
-        self.stop = stop
+        self._leaving = threading.Event()
+        # Waits end early on leave(); the drain's polls must not, so they sleep for real.
+        self.sleep: Callable[[float], None] = sleep or self._until_left
+        self.pause: Callable[[float], None] = sleep or time.sleep
+        self.stop: Callable[[], bool] = stop or self._leaving.is_set
+        self.drain_timeout = drain_timeout
         self.ttl = parse_duration(self.body.get("ttl", 30.0))
         self.interval = self.ttl / 3
         self.backoff = Backoff(cap=min(MAX_BACKOFF, self.ttl / 3))
         self.instance_id: str | None = None
+        self.code: int | None = None  # run's exit code, once it returned
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run in a daemon thread (for a service that registers itself)."""
+        self._thread = threading.Thread(target=self._run_in_thread, name=self.label, daemon=True)
+        self._thread.start()
+
+    def _run_in_thread(self) -> None:
+        self.code = self.run()
+
+    def _until_left(self, seconds: float) -> None:
+        self._leaving.wait(seconds)
+
+    def leave(self, timeout: float | None = None) -> None:
+        """Stop the thread started by ``start``: drained and deregistered when it returns."""
+        self._leaving.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @property
     def label(self) -> str:
@@ -173,6 +206,10 @@ class Sidecar:
             log.info("stopped before %s was registered", self.label)
             return 0
         try:
+            try:
+                return self._drain()
+            except KeyboardInterrupt:
+                log.info("interrupted while draining %s: deregistering now", self.label)
             self.client.deregister(self.service, self.instance_id)
         except AdminError as exc:
             if exc.status != 404:
@@ -185,6 +222,37 @@ class Sidecar:
             return self._not_deregistered("interrupted")
         log.info("deregistered %s", self.label)
         return 0
+
+    def _drain(self) -> int:
+        """Draining, removed by the gateway once idle: wait for that, then report."""
+        assert self.instance_id is not None
+        body = {"state": "draining", "deregister_when_idle": True}
+        self.client.update(self.service, self.instance_id, body)
+        waited = 0.0
+        while self._listed():
+            if waited >= self.drain_timeout:
+                self.client.deregister(self.service, self.instance_id)
+                log.warning(
+                    "deregistered %s with requests still in flight after %s",
+                    self.label,
+                    _seconds(self.drain_timeout),
+                )
+                return 0
+            if waited == 0:
+                log.info("draining %s: waiting for its requests in flight", self.label)
+            self.pause(DRAIN_POLL)
+            waited += DRAIN_POLL
+        log.info("deregistered %s", self.label)
+        return 0
+
+    def _listed(self) -> bool:
+        try:
+            instances = self.client.service(self.service).get("instances", [])
+        except AdminError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(isinstance(i, dict) and i.get("id") == self.instance_id for i in instances)
 
     def _not_deregistered(self, why: str) -> int:
         log.warning(
