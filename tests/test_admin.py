@@ -220,6 +220,7 @@ async def test_status_page_of_a_big_registry_summarises_services_and_pages_insta
         ("service=web&page=0", 400, "invalid_page"),
         ("service=web&page=x", 400, "invalid_page"),
         ("page=%C2%B2", 400, "invalid_page"),
+        ("filter=" + "x" * 201, 400, "invalid_filter"),
     ],
 )
 async def test_status_page_refuses_a_bad_query(gateway_factory, query, status, code):
@@ -249,3 +250,48 @@ async def test_status_page_offers_no_link_a_token_would_refuse(gateway_factory, 
     gw = await gateway_factory("admin:\n  token_env: STATUS_TOKEN\n")
     _, page = await _page(gw, "/")
     assert 'href="/registry/services"' not in page and 'href="/routes"' in page
+
+
+async def test_status_page_says_why_an_instance_fails_and_when_its_ejection_ends(
+    gateway_factory,
+):
+    gw = await gateway_factory("routes:\n  - prefix: /\n    service: web\n")
+    registry = gw.gateway.registry
+    failing = registry.register("web", {"host": "10.1.0.1", "port": 1})[0]
+    ejected = registry.register("web", {"host": "10.1.0.1", "port": 2})[0]
+    registry.set_health("web", failing.id, "failing", "status 503 <from a proxy>")
+    registry.set_health(
+        "web", ejected.id, "ejected", "5 5xx answers in a row", registry.clock() + 95
+    )
+    _, page = await _page(gw, "/")
+    assert (
+        '<span class="failing">failing</span><br>'
+        '<small class="failing">status 503 &lt;from a proxy&gt;</small>'
+    ) in page
+    assert '<span class="ejected">ejected</span> · back in 1m<br>' in page
+    registry.set_health("web", failing.id, "healthy")  # recovered: the reason goes with it
+    _, page = await _page(gw, "/")
+    assert "status 503" not in page and failing.health_reason == ""
+
+
+async def test_status_page_filter_keeps_what_mentions_the_text(gateway_factory):
+    gw = await gateway_factory(
+        "routes:\n  - prefix: /api\n    service: api\n  - prefix: /\n    service: web\n"
+    )
+    registry = gw.gateway.registry
+    registry.register("api", {"host": "10.1.0.1", "port": 1, "metadata": {"version": "1.4"}})
+    registry.register("api", {"host": "10.1.0.1", "port": 2, "metadata": {"version": "2.0"}})
+    registry.register("web", {"host": "10.2.0.1", "port": 1})
+    status, page = await _page(gw, "/?filter=Version%3D2")
+    assert status == 200
+    assert "10.1.0.1:2" in page and "10.1.0.1:1<" not in page and "10.2.0.1" not in page
+    assert "<td>/api</td>" in page and "<td>/</td>" not in page  # the route of what is kept
+    assert '<a href="/">clear</a>' in page
+    _, page = await _page(gw, "/?filter=10.2.")
+    assert "<td>web</td>" in page and "<td>api</td>" not in page
+    _, page = await _page(gw, "/?filter=%22%3E%3Cscript%3E")  # "><script>: nothing matches
+    assert 'value="&quot;&gt;&lt;script&gt;"' in page and "<script>" not in page
+    assert "No instance has registered yet" not in page  # a filter that matches nothing
+    _, page = await _page(gw, "/?service=api&filter=1.4")
+    assert '<input type=hidden name=service value="api">' in page
+    assert "10.1.0.1:1<" in page and "10.1.0.1:2" not in page

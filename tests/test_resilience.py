@@ -145,6 +145,11 @@ def test_consecutive_failures_eject_with_doubling_back_off_and_a_cap():
     assert a.health == "healthy"
     outliers.failed(a)
     assert a.health == "ejected" and later.calls[-1][0] == 30.0
+    now = registry.clock()  # why and until when, for the status page
+    assert (a.health_reason, a.health_until) == (
+        "3 connect failures or timeouts in a row",
+        now + 30,
+    )
     for _ in range(3):
         outliers.failed(b)
     assert b.health == "ejected"
@@ -156,6 +161,7 @@ def test_consecutive_failures_eject_with_doubling_back_off_and_a_cap():
     for _ in range(3):
         outliers.failed(a)
     assert a.health == "ejected" and later.calls[-1][0] == 60.0  # doubled
+    assert a.health_reason == "3 connect failures or timeouts in a row, ejected 2 times"
     assert registry.pick("web", ()).id in {c.id, d.id}
 
 

@@ -18,6 +18,8 @@ pytest.importorskip("selenium", reason="selenium not installed (pip install 'sel
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -48,8 +50,18 @@ def _answering(health: int, other: int) -> web.Application:
     return app
 
 
-def _render(url: str, screenshot: str | None) -> dict[str, Any]:
-    """What Chromium shows at ``url``: title, text, instance rows, and what scripts did."""
+def _rows(driver: webdriver.Chrome) -> list[dict[str, str]]:
+    """The last table's rows (the instances), as heading -> cell text."""
+    heads = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "table:last-of-type th")]
+    return [
+        dict(zip(heads, [td.text for td in tr.find_elements(By.TAG_NAME, "td")], strict=True))
+        for tr in driver.find_elements(By.CSS_SELECTOR, "table:last-of-type tr")[1:]
+    ]
+
+
+def _render(url: str, screenshot: str | None, typed: str) -> dict[str, Any]:
+    """What Chromium shows at ``url``: title, text, instance rows, and what scripts did;
+    then the rows left after typing ``typed`` in the filter box and pressing Enter."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
@@ -58,17 +70,13 @@ def _render(url: str, screenshot: str | None) -> dict[str, Any]:
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
         driver.get(url)
-        heads = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "table:last-of-type th")]
-        rows = [
-            dict(zip(heads, [td.text for td in tr.find_elements(By.TAG_NAME, "td")], strict=True))
-            for tr in driver.find_elements(By.CSS_SELECTOR, "table:last-of-type tr")[1:]
-        ]
+        rows = _rows(driver)
         if screenshot:  # 1000 pixels wide, as high as the page
             chrome = driver.execute_script("return window.outerHeight - window.innerHeight")
             height = driver.execute_script("return document.documentElement.scrollHeight")
             driver.set_window_size(1000, height + chrome)
             driver.save_screenshot(screenshot)
-        return {
+        shown = {
             "title": driver.title,
             "text": driver.find_element(By.TAG_NAME, "body").text,
             "rows": rows,
@@ -77,6 +85,11 @@ def _render(url: str, screenshot: str | None) -> dict[str, Any]:
                 "return [...document.scripts].filter(s => s.text.includes('pwned')).length"
             ),
         }
+        box = driver.find_element(By.NAME, "filter")
+        box.send_keys(typed + Keys.ENTER)  # a GET form: the CSP's form-action must allow it
+        WebDriverWait(driver, 10).until(lambda d: "filter=" in d.current_url)
+        shown["filtered"] = _rows(driver)
+        return shown
     finally:
         driver.quit()
 
@@ -120,16 +133,17 @@ async def test_status_page_shows_every_state_and_metadata_as_text(
                 assert response.status in (200, 500)
 
     page = await asyncio.to_thread(
-        _render, gw.admin_url + "/", os.environ.get("GATEWAY_SCREENSHOT")
+        _render, gw.admin_url + "/", os.environ.get("GATEWAY_SCREENSHOT"), "FAIL"
     )
 
     shown = {row["id"]: (row["state"], row["health"]) for row in page["rows"]}
     assert shown == {
         ids["up"]: ("up", "healthy"),
         ids["draining"]: ("draining", "healthy"),
-        ids["failing"]: ("up", "failing"),
-        ids["ejected"]: ("up", "ejected"),
+        ids["failing"]: ("up", "failing\nstatus 500"),  # and why: its last check's answer
+        ids["ejected"]: ("up", "ejected · back in 9m\n2 5xx answers in a row"),  # 10m less a bit
     }
+    assert [row["id"] for row in page["filtered"]] == [ids["failing"]]  # any case
     summary = "web 4 1/4 1 1 1 1"  # services: instances, routable/all, up/draining/ejected/failing
     assert summary in page["text"]
     assert f"note={SCRIPT}" in page["text"]  # the metadata, shown as the text it is

@@ -15,7 +15,7 @@ from gateway.control.changelog import ACTOR, actor
 from gateway.control.metrics import GatewayMetrics
 from gateway.control.openapi import document
 from gateway.control.status import HEADERS as STATUS_HEADERS
-from gateway.control.status import render
+from gateway.control.status import MAX_FILTER, render
 from gateway.dataplane.context import ProxyContext
 from gateway.dataplane.routing import BadPath, RouteSpec, host_name, normalize_path
 from gateway.dataplane.wire import error_body
@@ -111,7 +111,11 @@ async def status_page(request: web.Request) -> web.Response:
     page = request.query.get("page", "1")
     if not (page.isascii() and page.isdigit() and 0 < int(page) <= 1_000_000):
         raise ApiError(400, "invalid_page", "page must be an integer from 1")
-    page_html = render(proxy.table, proxy.registry, service, int(page), bool(request.app[TOKENS]))
+    text = request.query.get("filter", "").strip()
+    if len(text) > MAX_FILTER:
+        raise ApiError(400, "invalid_filter", f"filter must be at most {MAX_FILTER} characters")
+    secured = bool(request.app[TOKENS])
+    page_html = render(proxy.table, proxy.registry, service, int(page), secured, text)
     return web.Response(text=page_html, content_type="text/html", headers=STATUS_HEADERS)
 
 

@@ -152,7 +152,7 @@ class HealthChecker:
                     f": {failure}" if failure else "",
                 )
                 try:
-                    self.registry.set_health(instance.service, instance.id, health)
+                    self.registry.set_health(instance.service, instance.id, health, failure or "")
                 except UnknownInstance:
                     return
             await asyncio.sleep(check.interval)

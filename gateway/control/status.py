@@ -2,7 +2,9 @@
 
 Its size follows the number of services, not of instances: a summary row per service,
 and the instances themselves listed only for a small registry or for one service
-(``/?service=NAME``), a page of PAGE_SIZE at a time (``&page=N``).
+(``/?service=NAME``), a page of PAGE_SIZE at a time (``&page=N``). ``&filter=TEXT``
+keeps the routes, services and instances that mention TEXT (a form, no script: the page
+runs none).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from registry.core.models import INSTANCE_STATES, Instance
 from registry.core.store import Registry
 
 PAGE_SIZE = 100  # instances a page; also the most listed without choosing a service
+MAX_FILTER = 200  # characters of a filter
 MAX_ROUTES = 500  # route rows shown; the rest are in /routes
 
 _STYLE = (
@@ -57,15 +60,26 @@ def _metadata(instance: Instance) -> str:
     return ", ".join(f"{escape(k)}={escape(v)}" for k, v in sorted(instance.metadata.items()))
 
 
+def _health(instance: Instance, now: float) -> str:
+    """The verdict, and for one that is not healthy why and (an ejection) for how long."""
+    health = escape(instance.health)
+    cell = f'<span class="{health}">{health}</span>'
+    if instance.health_until is not None and instance.health == "ejected":
+        cell += f" · back in {_left(max(0.0, instance.health_until - now))}"
+    if instance.health_reason and instance.health != "healthy":
+        cell += f'<br><small class="{health}">{escape(instance.health_reason)}</small>'
+    return cell
+
+
 def _instance_row(instance: Instance, now: float) -> str:
-    state, health = escape(instance.state), escape(instance.health)
+    state = escape(instance.state)
     return _cells(
         [
             escape(instance.service),
             escape(instance.id),
             escape(instance.address),
             f'<span class="{state}">{state}</span>',
-            f'<span class="{health}">{health}</span>',
+            _health(instance, now),
             str(instance.weight),
             str(instance.in_flight + instance.remote_in_flight),
             _expires(instance, now),
@@ -74,9 +88,33 @@ def _instance_row(instance: Instance, now: float) -> str:
     )
 
 
-def _routes(table: RouteTable, registry: Registry) -> str:
+def _mentions(text: str, *fields: str) -> bool:
+    """The filter's test: ``text`` (lower case) in any field, ignoring case."""
+    return any(text in f.lower() for f in fields)
+
+
+def _instance_mentions(instance: Instance, text: str) -> bool:
+    return _mentions(
+        text,
+        instance.service,
+        instance.id,
+        instance.address,
+        instance.state,
+        instance.health,
+        instance.health_reason,
+        *(f"{k}={v}" for k, v in instance.metadata.items()),
+    )
+
+
+def _routes(table: RouteTable, registry: Registry, text: str, kept: set[str]) -> str:
+    """The routes that mention ``text`` or go to a service kept by the filter."""
     rows = []
-    for route in islice(table.routes, MAX_ROUTES):
+    routes = [
+        r
+        for r in table.routes
+        if r.service in kept or _mentions(text, r.host or "*", r.prefix, r.service)
+    ]
+    for route in islice(routes, MAX_ROUTES):
         routable = registry.counts(route.service)[1]
         service = escape(route.service)
         rows.append(
@@ -91,7 +129,7 @@ def _routes(table: RouteTable, registry: Registry) -> str:
                 ]
             )
         )
-    more = len(table.routes) - MAX_ROUTES
+    more = len(routes) - MAX_ROUTES
     if more > 0:
         rows.append(_cells([f'… and {more} more in <a href="/routes">/routes</a>', "", "", ""]))
     return (
@@ -123,8 +161,8 @@ def _services(registry: Registry, names: list[str]) -> tuple[str, int]:
     return table, total
 
 
-def _instances(registry: Registry, names: list[str], now: float, page: int) -> str:
-    members = [i for name in names for i in registry.instances(name)]
+def _instances(registry: Registry, names: list[str], now: float, page: int, text: str) -> str:
+    members = [i for n in names for i in registry.instances(n) if _instance_mentions(i, text)]
     pages = max(1, -(-len(members) // PAGE_SIZE))
     shown = members[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
     heading = "Instances"
@@ -163,13 +201,24 @@ EMPTY = (
     "<code>{&quot;host&quot;: &quot;127.0.0.1&quot;, &quot;port&quot;: 9001}</code> to "
     "<code>/registry/services/web/instances</code>.</p>"
 )
-# What the page may do: its own inline style, nothing else (no script, no frame).
+# What the page may do: its own inline style and filter form, nothing else (no script,
+# no frame).
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+def _filter_form(service: str | None, text: str) -> str:
+    hidden = f'<input type=hidden name=service value="{service}">' if service else ""
+    clear = ' <a href="/">clear</a>' if text else ""
+    return (
+        f'<form method=get action="/">{hidden}<input type=search name=filter size=40 '
+        f'value="{escape(text)}" placeholder="service, id, address, state, metadata">'
+        f" <button>filter</button>{clear}</form>"
+    )
 
 
 def render(
@@ -178,18 +227,26 @@ def render(
     service: str | None = None,
     page: int = 1,
     secured: bool = False,
+    text: str = "",
 ) -> str:
     """The page; ``service`` (known to the registry) lists its instances, ``page`` of them.
-    ``secured``: /registry needs a token, which a link cannot send: it is not offered."""
+    ``secured``: /registry needs a token, which a link cannot send: it is not offered.
+    ``text``: only what mentions it (service names, instances, routes)."""
     now = registry.clock()
-    names = registry.service_names()
+    wanted = text.lower()
+    names = [
+        name
+        for name in registry.service_names()
+        if _mentions(wanted, name)
+        or any(_instance_mentions(i, wanted) for i in registry.instances(name))
+    ]
     summary, total = _services(registry, names)
     if service is not None:
-        instances = _instances(registry, [service], now, page)
-    elif total == 0:
+        instances = _instances(registry, [service], now, page, wanted)
+    elif total == 0 and not text:
         instances = EMPTY
     elif total <= PAGE_SIZE:
-        instances = _instances(registry, names, now, 1)
+        instances = _instances(registry, names, now, 1, wanted)
     else:
         instances = f"<p>{total} instances: choose a service above to list its instances.</p>"
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
@@ -202,7 +259,8 @@ def render(
         '<a href="/routes">routes (JSON)</a>'
         + ("" if secured else ' · <a href="/registry/services">services (JSON)</a>')
         + "</p>"
-        + _routes(table, registry)
+        + _filter_form(service, text)
+        + _routes(table, registry, wanted, set(names))
         + summary
         + instances
         + "</body></html>"

@@ -58,9 +58,10 @@ class Outliers:
         count = self._failures.get(key, 0) + 1
         self._failures[key] = count
         if count >= threshold and instance.health == "healthy":
-            self._eject(instance, config)
+            what = "5xx answers" if server_error else "connect failures or timeouts"
+            self._eject(instance, config, f"{threshold} {what} in a row")
 
-    def _eject(self, instance: Instance, config: OutlierConfig) -> None:
+    def _eject(self, instance: Instance, config: OutlierConfig, reason: str) -> None:
         try:
             states = self.registry.state_counts(instance.service)
         except UnknownService:
@@ -73,8 +74,11 @@ class Outliers:
         self._failures.pop(key, None)
         duration = min(config.base_ejection * 2 ** (times - 1), MAX_EJECTION)
         log.warning("%s/%s ejected for %gs after consecutive failures", *key, duration)
+        if times > 1:
+            reason += f", ejected {times} times"
+        until = self.registry.clock() + duration
         try:
-            self.registry.set_health(instance.service, instance.id, "ejected")
+            self.registry.set_health(instance.service, instance.id, "ejected", reason, until)
         except UnknownInstance:
             return
         later = self._later or asyncio.get_running_loop().call_later

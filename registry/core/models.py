@@ -45,6 +45,10 @@ class Instance:
     in_flight: int = 0
     remote_in_flight: int = 0  # requests other processes (workers) have on it
     deregister_when_idle: bool = False
+    # Why health is not "healthy" (a check's failure, an ejection's cause), and when an
+    # ejection ends (registry clock): for people reading the status page, never saved.
+    health_reason: str = ""
+    health_until: float | None = None
     latency: PeakEwma | None = None  # peak_ewma's cost of it (made at its first such pick)
 
     def __post_init__(self) -> None:
@@ -101,7 +105,8 @@ def instance_state(instance: Instance) -> str:
 REGISTRATION_FIELDS = tuple(
     f.name
     for f in fields(Instance)
-    if f.name not in ("service", "in_flight", "remote_in_flight", "latency")
+    if f.name
+    not in ("service", "in_flight", "remote_in_flight", "latency", "health_reason", "health_until")
 )
 
 

@@ -416,9 +416,13 @@ class Registry:
             self._remove(service, instance, "deregistered")
         return instance
 
-    def set_health(self, name: str, instance_id: str, health: str) -> Instance:
-        """Record a health verdict (healthy, ejected, failing) of a check or of traffic."""
+    def set_health(
+        self, name: str, instance_id: str, health: str, reason: str = "", until: float | None = None
+    ) -> Instance:
+        """Record a health verdict (healthy, ejected, failing) of a check or of traffic,
+        with why and (an ejection) until when, for the status page."""
         instance = self.get(name, instance_id)
+        instance.health_reason, instance.health_until = reason, until
         if instance.health != health:
             instance.health = health
             service = self._services[name]
