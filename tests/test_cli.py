@@ -425,6 +425,15 @@ def test_check_says_1_route_and_does_not_warn_of_the_catch_all(tmp_path: Path) -
     assert result.stdout.splitlines()[-1] == "routes.yaml: ok, 1 route"
 
 
+@pytest.mark.parametrize("how", [["other.yaml"], ["-c", "other.yaml"], ["--config", "other.yaml"]])
+def test_check_takes_the_file_as_promtool_and_nginx_users_give_it(
+    tmp_path: Path, how: list[str]
+) -> None:
+    (tmp_path / "other.yaml").write_text("routes:\n  - {prefix: /, service: web}\n")
+    result = gateway("check", *how, cwd=tmp_path)  # no routes.yaml here
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (0, "other.yaml: ok, 1 route")
+
+
 @pytest.mark.parametrize("text", ["", "\n\n", "# routes: later\n  \n"])
 def test_check_and_run_refuse_an_empty_file(tmp_path: Path, text: str) -> None:
     (tmp_path / "routes.yaml").write_text(text)

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and print its routing table")
     _config_option(check)
+    check.add_argument("file", nargs="?", metavar="FILE", help="the config file, as --config")
 
     services = commands.add_parser("services", help="list services and instances")
     services.add_argument("--service", metavar="NAME", help="only this service (default: all)")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default="routes.yaml", help="config file (default: %(default)s)"
+        "-c", "--config", default="routes.yaml", help="config file (default: %(default)s)"
     )
 
 
@@ -237,11 +238,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from gateway.config.describe import ignored_settings, plural, shadow_warnings
     from gateway.control.auth import open_admin_refusal, tokens_from
 
-    config = _load(args.config)
+    path = args.file or args.config
+    config = _load(path)
     if config is None:
         return 1
     tokens, _ = tokens_from(config.admin, os.environ)
-    refusal = open_admin_refusal(config.admin, config.admin.listen, tokens, args.config)
+    refusal = open_admin_refusal(config.admin, config.admin.listen, tokens, path)
     if refusal is not None:
         print(f"gateway: {refusal}", file=sys.stderr)
         return 1
@@ -249,7 +251,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(line)
     for warning in [*shadow_warnings(config), *ignored_settings(config)]:
         print(warning, file=sys.stderr)
-    print(f"{args.config}: ok, {plural(len(config.routes), 'route')}")
+    print(f"{path}: ok, {plural(len(config.routes), 'route')}")
     return 0
 
 
