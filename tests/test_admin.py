@@ -292,6 +292,9 @@ async def test_status_page_filter_keeps_what_mentions_the_text(gateway_factory):
     _, page = await _page(gw, "/?filter=%22%3E%3Cscript%3E")  # "><script>: nothing matches
     assert 'value="&quot;&gt;&lt;script&gt;"' in page and "<script>" not in page
     assert "No instance has registered yet" not in page  # a filter that matches nothing
+    assert "No instance mentions “&quot;&gt;&lt;script&gt;”." in page
+    _, page = await _page(gw, "/?filter=nobody")
+    assert "No instance mentions “nobody”." in page and "<h2>Instances</h2>" in page
     _, page = await _page(gw, "/?service=api&filter=1.4")
     assert '<input type=hidden name=service value="api">' in page
     assert "10.1.0.1:1<" in page and "10.1.0.1:2" not in page

@@ -367,10 +367,23 @@ async def test_drain_and_deregister_of_an_unknown_instance_say_the_api_message(
     )
 
 
-def test_drain_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(["drain", "web", "web-1", "--wait", "--timeout", "soon"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("gateway: invalid --timeout: ") and err.count("\n") == 1
+@pytest.mark.parametrize("wait", [["--wait"], []], ids=["with-wait", "without"])
+def test_drain_bad_timeout_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], wait: list[str]
+) -> None:
+    argv = ["drain", "web", "web-1", *wait, "--timeout", "soon", "--admin", "127.0.0.1:1"]
+    assert run_main(argv) == 2  # argparse's exit, before any call is made
+    assert capsys.readouterr().err == (
+        "gateway: argument --timeout: invalid duration 'soon': use e.g. 500ms, 30s, 2m, 1h "
+        "(see gateway drain --help)\n"
+    )
+
+
+def test_register_says_a_port_out_of_range_is_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["register", "web", "127.0.0.1:70000", "--admin", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == (
+        "gateway: invalid address '127.0.0.1:70000': port must be an integer in 1..65535\n"
+    )
 
 
 async def test_services_of_one_service_and_as_json(gateway_factory, upstreams, capsys) -> None:

@@ -747,7 +747,7 @@ def test_print_services_lists_instances_and_empty_services(
         assert all(line[start - 1] == " " and line[start] != " " for start in starts)
     assert lines[4:] == [
         "",
-        "users: 2 instances, 1 healthy, 1 ejected, 1 draining",
+        "users: 2 instances, 0 healthy, 1 ejected, 1 draining",  # as the API counts: routable
         "web: no instances",
     ]
     assert admin.paths() == [

@@ -14,6 +14,7 @@ from gateway.config.describe import describe_routes
 from gateway.config.loader import ACCESS_LOG_FORMS, load_config
 from gateway.config.model import Config, ConfigError, parse_listen
 from registry.core.models import SCHEMES
+from registry.core.units import parse_duration
 
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
 
@@ -28,6 +29,15 @@ def _listen(value: str) -> tuple[str, int]:
         return parse_listen(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(value: str) -> str:
+    """A duration checked now (``--timeout abc`` is a usage error even without --wait)."""
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _workers(value: str) -> int:
@@ -124,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument(
         "--wait", action="store_true", help="wait until its requests in flight have finished"
     )
-    drain.add_argument("--timeout", default="60s", help="longest --wait (default: %(default)s)")
+    drain.add_argument(
+        "--timeout", default="60s", type=_duration, help="longest --wait (default: %(default)s)"
+    )
     _admin_options(drain)
 
     deregister = commands.add_parser("deregister", help="remove an instance from the registry")

@@ -131,8 +131,13 @@ def summary(name: str, instances: Sequence[Mapping[str, Any]]) -> str:
     """``web: 3 instances, 2 healthy, 1 failing, 1 draining``."""
     if not instances:
         return f"{name}: no instances"
+    # "healthy" as the registry API counts it: what gets traffic (up and healthy).
+    routable = sum(
+        1 for i in instances if i.get("state", "up") == "up" and i.get("health") == "healthy"
+    )
     healths = Counter(str(i["health"]) for i in instances if "health" in i)
-    parts = [plural(len(instances), "instance"), f"{healths.pop('healthy', 0)} healthy"]
+    healths.pop("healthy", None)
+    parts = [plural(len(instances), "instance"), f"{routable} healthy"]
     parts.extend(f"{count} {health}" for health, count in sorted(healths.items()))
     draining = sum(1 for i in instances if i.get("state") == "draining")
     if draining:
@@ -224,7 +229,11 @@ def parse_instance_address(address: str) -> tuple[str, int]:
         return validate_host(host), validate_port(port)
     except InvalidField as exc:
         raise ValueError(f"invalid address {address!r}: {exc.message}") from None
-    except ValueError:
+    except ValueError as exc:
+        if "port must be" in str(exc):  # the port's own rule: 1.. for an instance
+            raise ValueError(
+                f"invalid address {address!r}: port must be an integer in 1..65535"
+            ) from None
         raise ValueError(
             f"invalid address {address!r}: use HOST:PORT or [IPv6]:PORT, e.g. 127.0.0.1:9001"
         ) from None

@@ -174,6 +174,9 @@ def _instances(registry: Registry, names: list[str], now: float, page: int, text
                 heading += " · " + _link("previous", names[0], page - 1)
             if page < pages:
                 heading += " · " + _link("next", names[0], page + 1)
+    if not members:
+        nothing = f"No instance mentions “{escape(text)}”." if text else "No instances."
+        return f"<h2>{heading}</h2><p>{nothing}</p>"
     return (
         f"<h2>{heading}</h2><table>"
         + _cells(
