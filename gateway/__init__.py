@@ -22,10 +22,11 @@ def data_plane_build() -> str:
     return "pure Python" if exchange.__file__.endswith(".py") else "compiled"
 
 
-def stale_extensions() -> list[str]:
+def stale_extensions(root: Path | None = None) -> list[str]:
     """Sources edited after their compiled module was built (an editable install):
-    Python imports the old compiled code, not the edit. Rebuild: pip install -e ."""
-    root = Path(__file__).resolve().parent.parent
+    Python imports the old compiled code, not the edit. Rebuild: pip install -e .
+    The test suite refuses to start with any; ``gateway run`` warns of them."""
+    root = root or Path(__file__).resolve().parent.parent
     stale = []
     for built in [*root.glob("gateway/**/*.so"), *root.glob("registry/**/*.so")]:
         source = built.with_name(built.name.split(".")[0] + ".py")

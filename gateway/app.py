@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import data_plane_build
+from gateway import data_plane_build, stale_extensions
 from gateway.config.describe import ignored_settings, plural
 from gateway.config.model import Config, ConfigError, HealthCheckConfig
 from gateway.control.admin import build_admin_app
@@ -302,6 +302,13 @@ async def serve(gateway: Gateway) -> None:
         plural(len(gateway.config.routes), "route"),
         data_plane_build(),
     )
+    stale = stale_extensions()
+    if stale:
+        log.warning(
+            "%s changed after the compiled build and the old compiled code runs; "
+            "rebuild with `pip install -e .` (or delete the .so files)",
+            ", ".join(stale),
+        )
     if gateway.tls is not None:
         log.info(
             "proxy listener speaks TLS (%s)", gateway.config.tls.cert if gateway.config.tls else ""

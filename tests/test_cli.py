@@ -501,3 +501,20 @@ def test_check_passes_an_open_admin_with_its_token_set(tmp_path: Path) -> None:
     result = gateway("check", cwd=tmp_path, env={"MY_TOKEN": "s3cret"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("routes.yaml: ok, 3 routes\n")
+
+
+def test_an_edit_after_the_compiled_build_is_found(tmp_path: Path) -> None:
+    """What `gateway run` warns of (and the suite refuses): Python would import the old
+    compiled module, not the edited source."""
+    from gateway import stale_extensions
+
+    package = tmp_path / "gateway" / "dataplane"
+    package.mkdir(parents=True)
+    for name in ("exchange", "pool"):
+        (package / f"{name}.py").write_text("")
+        (package / f"{name}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    built = (package / "exchange.cpython-311-x86_64-linux-gnu.so").stat().st_mtime
+    os.utime(package / "exchange.py", (built + 10, built + 10))  # edited after the build
+    os.utime(package / "pool.py", (built - 10, built - 10))
+
+    assert stale_extensions(tmp_path) == ["gateway/dataplane/exchange.py"]
