@@ -16,6 +16,7 @@ from gateway.config.describe import describe_routes
 from gateway.config.loader import load_config, parse_config
 from gateway.config.model import ConfigError, SplitConfig
 from gateway.dataplane.split import Split
+from registry.core.balancer import LEAST_REQUEST, ROUND_ROBIN, Balancing
 from registry.core.store import Registry, selector
 from tests.conftest import RunningGateway, Upstream
 from tests.fakes import FakeClock
@@ -59,6 +60,39 @@ def test_pick_matching_follows_weights_and_exclude(registry: Registry) -> None:
     assert Counter(picks(registry, V2, 8)) == {a: 6, b: 2}
     assert picks(registry, V2, 2, exclude={a}) == [b, b]
     assert picks(registry, V2, 1, exclude={a, b}) == [None]
+
+
+def test_pick_matching_uses_the_services_balancer_within_the_subset(
+    registry: Registry,
+) -> None:
+    registry.set_balancing({"users": Balancing(LEAST_REQUEST)})
+    busy = registry.get("users", add(registry, 9001, version="2"))
+    idle = add(registry, 9002, version="2")
+    add(registry, 9003, version="1")  # idle too, but not of the subset
+    for _ in range(5):
+        registry.request_started(busy)
+    assert picks(registry, V2, 20) == [idle] * 20  # two choices of two: the less loaded
+    registry.set_balancing({})  # back to round-robin: the subset's rotation again
+    assert Counter(picks(registry, V2, 4)) == {busy.id: 2, idle: 2}
+
+
+def test_pick_matching_ramps_a_new_subset_member_by_slow_start(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.set_balancing({"users": Balancing(ROUND_ROBIN, slow_start=30.0)})
+
+    def lasting(port: int) -> str:  # longer than the test's clock moves
+        body = {"host": "10.0.0.5", "port": port, "ttl": "1h", "metadata": {"version": "2"}}
+        return registry.register("users", body)[0].id
+
+    warm = lasting(9001)
+    clock.advance(60.0)
+    new = lasting(9002)
+    at_start = Counter(picks(registry, V2, 110))
+    assert at_start[new] == 10 and at_start[warm] == 100  # weight 0.1 against 1
+    clock.advance(30.0)
+    warmed = Counter(picks(registry, V2, 100))
+    assert warmed == {warm: 50, new: 50}
 
 
 def test_pick_matching_skips_unroutable_and_expired(registry: Registry, clock: FakeClock) -> None:

@@ -79,7 +79,21 @@ def _rotate(
     return None, turn
 
 
-class _Service:
+class _Rotation:
+    """Where round-robin keeps its place: a service's, or a canary subset's (_Matching).
+    ``schedule``: the weighted one (None: built at the next pick), ``turn``: the plain
+    rotation's next index, ``built_at``: when the schedule was built (rebuilt while a
+    slow start ramps the weights)."""
+
+    __slots__ = ("schedule", "turn", "built_at")
+
+    def __init__(self) -> None:
+        self.schedule: WeightedRoundRobin[Instance] | None = None
+        self.turn = 0
+        self.built_at = 0.0
+
+
+class _Service(_Rotation):
     """One service's instances and what is kept counted of them as they change.
 
     ``track`` runs after every change of an instance and ``untrack`` at its removal, so
@@ -96,12 +110,9 @@ class _Service:
         "weights",
         "states",
         "counted",
-        "schedule",
-        "turn",
         "balancing",
         "since",
         "ramp_until",
-        "built_at",
         "clock",
         "ring",
         # fail static (panic)
@@ -112,6 +123,7 @@ class _Service:
     )
 
     def __init__(self, name: str, clock: Clock) -> None:
+        super().__init__()
         self.name = name
         self.clock = clock
         self.instances: dict[str, Instance] = {}
@@ -121,12 +133,9 @@ class _Service:
         self.weights: dict[int, int] = {}  # weight -> routable instances that have it
         self.states: dict[str, int] = dict.fromkeys(INSTANCE_STATES, 0)
         self.counted: dict[str, tuple[str, int]] = {}  # id -> (state, weight if routable else 0)
-        self.schedule: WeightedRoundRobin[Instance] | None = None  # built at the next pick
-        self.turn = 0
         self.balancing: Balancing | None = None  # None: round-robin without slow start
         self.since: dict[str, float] = {}  # id -> when it last became routable (slow start)
         self.ramp_until = 0.0  # till then some instance is in its slow start
-        self.built_at = 0.0  # when the schedule was built (rebuilt while ramping)
         self.ring: HashRing[Instance] | None = None  # session affinity's, built when asked
         # Instances up (not draining) whatever their health, leases checked at the pick:
         # what a pick goes over in panic.
@@ -204,21 +213,18 @@ class _Service:
         return len(self.routable) < self.panic_threshold * len(self.live_up)
 
 
-class _Matching:
+class _Matching(_Rotation):
     """The routable instances of one service that match one selector, as of the
     service's change ``index``: rebuilt at the first pick after any change."""
 
-    __slots__ = ("index", "members", "schedule", "turn")
+    __slots__ = ("index", "members", "equal")
 
     def __init__(self, index: int, members: list[Instance]) -> None:
+        super().__init__()
         self.index = index
         self.members = members
-        weights = {instance.weight for instance in members}
-        # None: equal weights, a plain rotation is the same order
-        self.schedule: WeightedRoundRobin[Instance] | None = (
-            WeightedRoundRobin(members) if len(weights) > 1 else None
-        )
-        self.turn = 0
+        # equal weights: a plain rotation is the same order as the weighted schedule
+        self.equal = len({instance.weight for instance in members}) <= 1
 
 
 def selector(metadata: Mapping[str, str]) -> Selector:
@@ -631,7 +637,7 @@ class Registry:
             return None
         chosen: Instance | None = None
         if service.balancing is not None:
-            chosen = self._balanced(service, service.balancing, exclude)
+            chosen = self._balanced(service, service.balancing, exclude, routable, service)
         elif len(service.weights) == 1:  # equal weights: a plain rotation is the same order
             chosen, service.turn = _rotate(routable, service.turn, exclude)
         else:
@@ -697,9 +703,16 @@ class Registry:
             self._service(name).panic_threshold = threshold
 
     def _balanced(
-        self, service: _Service, balancing: Balancing, exclude: Collection[str]
+        self,
+        service: _Service,
+        balancing: Balancing,
+        exclude: Collection[str],
+        members: list[Instance],
+        rotation: _Rotation,
     ) -> Instance | None:
-        """A pick by the service's Balancing: its balancer, weights ramped by slow start."""
+        """A pick among ``members`` (the service's routable instances, or a canary subset
+        of them, whose round-robin place is ``rotation``) by the service's Balancing: its
+        balancer, weights ramped by slow start."""
         now = self.clock()
         window = balancing.slow_start
         ramping = now < service.ramp_until
@@ -713,7 +726,7 @@ class Registry:
         kind = balancing.kind
         if kind == LEAST_REQUEST:
             return two_choices(
-                service.routable,
+                members,
                 exclude,
                 lambda a, b: weight(a) * (b.in_flight + 1) > weight(b) * (a.in_flight + 1),
                 self.rng,
@@ -726,25 +739,23 @@ class Registry:
                     latency = instance.latency = PeakEwma()
                 return latency.load(instance.in_flight, now) / weight(instance)
 
-            return two_choices(service.routable, exclude, lambda a, b: cost(a) < cost(b), self.rng)
+            return two_choices(members, exclude, lambda a, b: cost(a) < cost(b), self.rng)
         # Round-robin: while weights ramp, the schedule is rebuilt every RAMP_STEP (and
         # once more when the ramp is over).
-        schedule = service.schedule
+        schedule = rotation.schedule
         if schedule is None or (
-            service.built_at < service.ramp_until and now - service.built_at >= RAMP_STEP
+            rotation.built_at < service.ramp_until and now - rotation.built_at >= RAMP_STEP
         ):
-            routable = service.routable
-            schedule = service.schedule = WeightedRoundRobin(
-                routable, [weight(i) for i in routable]
-            )
-            service.built_at = now
+            schedule = rotation.schedule = WeightedRoundRobin(members, [weight(i) for i in members])
+            rotation.built_at = now
         return schedule.pick(exclude)
 
     def pick_matching(
         self, name: str, metadata: Selector, exclude: Collection[str] = ()
     ) -> Instance | None:
-        """Next instance, by weighted round-robin, among the routable ones whose metadata
-        has every (key, value) of ``metadata`` (a Selector); None when none is left.
+        """Next instance among the routable ones whose metadata has every (key, value) of
+        ``metadata`` (a Selector), by the service's balancer and slow start when it has
+        them, else by weighted round-robin; None when none is left.
 
         The matching list is kept per (service, selector) and rebuilt at the first pick
         after any change of the service (its index moves with every registration,
@@ -763,10 +774,16 @@ class Registry:
             matching = self._matching[key] = _Matching(service.index, members)
         members = matching.members
         chosen: Instance | None = None
-        if matching.schedule is not None:
-            chosen = matching.schedule.pick(exclude)
-        else:
+        if service.balancing is not None:  # the service's balancer, within the subset
+            if members:
+                chosen = self._balanced(service, service.balancing, exclude, members, matching)
+        elif matching.equal:
             chosen, matching.turn = _rotate(members, matching.turn, exclude)
+        else:
+            schedule = matching.schedule
+            if schedule is None:
+                schedule = matching.schedule = WeightedRoundRobin(members)
+            chosen = schedule.pick(exclude)
         if chosen is not None and self._ended(service, chosen):  # the list is rebuilt
             return self.pick_matching(name, metadata, exclude)
         return chosen
@@ -781,6 +798,7 @@ class Registry:
             if service.balancing != balancing:
                 service.balancing = balancing
                 service.schedule = None
+                self._matching.clear()  # subsets' schedules followed the old balancing
                 service.ramp_until = 0.0
 
     def set_remote_in_flight(self, counts: Mapping[tuple[str, str], int]) -> None:
