@@ -84,15 +84,47 @@ async def test_register_app_for_an_aiohttp_service(
     with socket.socket() as probe:  # a service knows its port before it starts
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    register_app(app, gw.admin_url, "web", port=port)
+    registration = register_app(app, gw.admin_url, "web", port=port)
     server = TestServer(app, host="127.0.0.1", port=port)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        await server.start_server()  # startup: registered
+        await server.start_server()  # startup, then the listener: then registered
+        async with asyncio.timeout(10):
+            await registration.registered.wait()
+        assert signal.getsignal(signal.SIGTERM) != before[0]  # leaves first on SIGTERM
         async with gw.session.get(gw.proxy_url + "/") as response:
             assert (response.status, await response.text()) == (200, "service")
     finally:
-        await server.close()  # shutdown: drained and deregistered
+        await server.close()  # shutdown: deregistered
     assert (await listed(gw))[1] == []
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+async def test_registration_waits_for_the_port_to_accept_connections(
+    gateway_factory: GatewayFactory, upstreams: Any, caplog: Any
+) -> None:
+    gw = await gateway_factory(ROUTES)
+    up = await upstreams("web")
+    port = up.port
+    await up.stop()  # nothing listens there now
+    registration = Registration(gw.admin_url, "web", port=port)
+    registration.enter_when_listening(patience=5)
+    await asyncio.sleep(0.1)  # refusals meanwhile: not registered
+    assert (await listed(gw))[1] == [] and not registration.registered.is_set()
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    async with asyncio.timeout(10):
+        await registration.registered.wait()  # at its next look
+    assert [i["port"] for i in (await listed(gw))[1]] == [port]
+    server.close()
+    await server.wait_closed()
+    await registration.leave()
+
+    patient = Registration(gw.admin_url, "web", port=port)  # a port never listening
+    patient.enter_when_listening(patience=0.05)
+    async with asyncio.timeout(10):
+        await patient.registered.wait()  # registered anyway
+    await patient.leave()
+    assert f"127.0.0.1:{port} refuses connections after 0.05s" in caplog.text
 
 
 async def upstream_errors(gw: RunningGateway) -> float:
@@ -164,7 +196,7 @@ async def test_a_lone_instance_stopped_under_load_fails_no_request(
     if not handle_signals:  # the listener closed while the gateway still routed to it
         assert statuses[502] > 0 and await upstream_errors(gw) > 0
         return
-    assert set(statuses) == {200, 503}, statuses  # no 502, no 504
+    assert set(statuses) == {200, 503}, (statuses, log)  # no 502, no 504
     assert await upstream_errors(gw) == 0  # nothing was refused or cut
     assert {code for status, code in outcomes if status == 503} == {"no_healthy_instance"}
     assert statuses[200] > 200  # requests in flight at the signal were answered (208 seen)

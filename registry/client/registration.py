@@ -27,7 +27,7 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,6 +38,7 @@ log = logging.getLogger("registry.client")
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 DRAIN_POLL = 0.1  # seconds between looks at a draining instance
+LISTEN_PATIENCE = 5.0  # seconds register_app waits for the service's port to accept
 
 
 class Registration:
@@ -71,8 +72,10 @@ class Registration:
         self.heartbeats = 0  # answered heartbeats, for the curious (and the tests)
         self.registrations = 0
         self.drain_timeout = drain_timeout
+        self.registered = asyncio.Event()  # set at the first answered registration
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._entering: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Registration:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -87,11 +90,45 @@ class Registration:
     async def __aexit__(self, *_: object) -> None:
         await self.leave()
 
+    def enter_when_listening(self, patience: float = LISTEN_PATIENCE) -> None:
+        """Enter in the background once the service's port accepts connections: an
+        aiohttp application's startup runs before its listener opens, and an instance
+        registered then would have its first requests refused. After ``patience``
+        seconds of refusals it registers anyway (the port may be reachable only from
+        elsewhere), with a warning."""
+        self._entering = asyncio.get_running_loop().create_task(self._when_listening(patience))
+
+    async def _when_listening(self, patience: float) -> None:
+        host, port = str(self.body["host"]), int(self.body["port"])
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + patience, 0.005
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError as exc:
+                if loop.time() >= deadline:
+                    log.warning("%s: %s:%d refuses connections after %gs (%s); registering "
+                                "anyway", self.service, host, port, patience, exc)  # fmt: skip
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            else:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                break
+        await self.__aenter__()
+
     async def leave(self, *, drain: bool = True) -> None:
         """Stop heartbeating, drain, wait until the gateway has nothing in flight on this
         instance (it then removes it), at most ``drain_timeout``; deregister. Once.
         ``drain=False`` deregisters at once: for a service that has stopped listening
         already, whose requests in flight could be waited for in vain."""
+        if self._entering is not None:  # not entered yet: it will not now
+            self._entering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._entering
+            self._entering = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,6 +197,7 @@ class Registration:
         self.instance_id = str(data["id"])
         self.interval = float(data.get("heartbeat_interval", self.interval))
         self.registrations += 1
+        self.registered.set()
         log.info("%s/%s registered (heartbeat every %.1fs)", self.service, self.instance_id,
                  self.interval)  # fmt: skip
 
@@ -205,20 +243,24 @@ def register_app(
 ) -> Registration:
     """Register an aiohttp application's instance for as long as it runs.
 
-    Registered at startup. With ``handle_signals`` (and the loop in the main thread, as
-    under ``web.run_app``), SIGTERM and SIGINT first drain and deregister it, then stop the
-    application as run_app would: requests the gateway already sent are answered, and the
-    listener closes only after. A second signal stops at once. Otherwise it is deregistered
-    at shutdown, after aiohttp has closed the listener: requests routed to it meanwhile are
-    refused (the gateway sends them elsewhere when it can).
+    Registered once the listener accepts connections (startup runs before it opens;
+    ``registration.registered`` is an Event for that moment). With ``handle_signals``
+    (and the loop in the main thread, as under ``web.run_app``), SIGTERM and SIGINT first
+    drain and deregister it, then stop the application as run_app would: requests the
+    gateway already sent are answered, and the listener closes only after. A second
+    signal stops at once. Otherwise it is deregistered at shutdown, after aiohttp has
+    closed the listener: requests routed to it meanwhile are refused (the gateway sends
+    them elsewhere when it can).
     """
     registration = Registration(admin_url, service, **kw)
 
     async def life(_: web.Application) -> AsyncIterator[None]:
-        await registration.__aenter__()
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            _leave_on_signals(registration)
+        registration.enter_when_listening()
+        signals = handle_signals and threading.current_thread() is threading.main_thread()
+        restore = _leave_on_signals(registration) if signals else None
         yield
+        if restore is not None:
+            restore()
 
     async def leave(_: web.Application) -> None:
         await registration.leave(drain=False)  # a no-op when a signal made it leave already
@@ -228,7 +270,7 @@ def register_app(
     return registration
 
 
-def _leave_on_signals(registration: Registration) -> None:
+def _leave_on_signals(registration: Registration) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     leaving: list[asyncio.Task[None]] = []
 
@@ -241,9 +283,26 @@ def _leave_on_signals(registration: Registration) -> None:
             _exit()  # a second signal: stop now
         leaving.append(loop.create_task(leave_then_exit()))
 
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # Windows has no add_signal_handler
+        before = signal.getsignal(signum)
+        try:
             loop.add_signal_handler(signum, on_signal)
+        except NotImplementedError:  # Windows has no add_signal_handler
+            continue
+        previous[signum] = before
+
+    def restore() -> None:
+        """The application is done: ours go, and a handler from outside the loop (the
+        default, asyncio.Runner's Ctrl-C) comes back. One the loop kept (run_app's) was
+        replaced by ours in the loop's table: run_app's own cleanup finds it gone."""
+        for signum, before in previous.items():
+            loop.remove_signal_handler(signum)
+            owner = getattr(before, "__module__", None) or ""
+            if before is not None and not owner.startswith(("asyncio.unix_events", "uvloop")):
+                signal.signal(signum, before)
+
+    return restore
 
 
 def _exit() -> None:
