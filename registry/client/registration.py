@@ -104,8 +104,9 @@ class Registration:
         deadline, delay = loop.time() + patience, 0.005
         while True:
             try:
-                _, writer = await asyncio.open_connection(host, port)
-            except OSError as exc:
+                async with asyncio.timeout(1.0):  # an address that drops packets: a refusal
+                    _, writer = await asyncio.open_connection(host, port)
+            except OSError as exc:  # TimeoutError among them
                 if loop.time() >= deadline:
                     log.warning("%s: %s:%d refuses connections after %gs (%s); registering "
                                 "anyway", self.service, host, port, patience, exc)  # fmt: skip
