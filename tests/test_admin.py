@@ -269,6 +269,12 @@ async def test_status_page_says_why_an_instance_fails_and_when_its_ejection_ends
         '<small class="failing">status 503 &lt;from a proxy&gt;</small>'
     ) in page
     assert '<span class="ejected">ejected</span> · back in 1m<br>' in page
+    async with gw.session.get(gw.admin_url + "/registry/services/web") as response:
+        listed = {i["id"]: i for i in (await response.json())["instances"]}
+    assert listed[failing.id]["health_reason"] == "status 503 <from a proxy>"
+    assert listed[failing.id]["health_until"] is None
+    assert listed[ejected.id]["health_reason"] == "5 5xx answers in a row"
+    assert listed[ejected.id]["health_until"] is not None  # RFC 3339, 95 s on
     registry.set_health("web", failing.id, "healthy")  # recovered: the reason goes with it
     _, page = await _page(gw, "/")
     assert "status 503" not in page and failing.health_reason == ""

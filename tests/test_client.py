@@ -784,6 +784,32 @@ def test_format_services_sorts_naturally_and_shows_one_column_when_id_is_the_add
     ]
 
 
+def test_format_services_says_why_an_instance_is_not_healthy() -> None:
+    now = 1_700_000_000.0
+    listing = [
+        (
+            "web",
+            [
+                {"id": "a", "host": "10.0.0.1", "port": 80, "health": "failing",
+                 "health_reason": "status 503", "health_until": None},
+                {"id": "b", "host": "10.0.0.2", "port": 80, "health": "ejected",
+                 "health_reason": "5 connect failures or timeouts in a row",
+                 "health_until": "2023-11-14T22:13:48.000Z"},
+                {"id": "c", "host": "10.0.0.3", "port": 80, "health": "healthy",
+                 "health_reason": None, "health_until": None},
+            ],
+        )
+    ]  # fmt: skip
+
+    lines = format_services(listing, now)
+
+    assert lines[-3:] == [
+        "web: 3 instances, 1 healthy, 1 ejected, 1 failing",
+        "web/a failing: status 503",
+        "web/b ejected (back in 28s): 5 connect failures or timeouts in a row",
+    ]
+
+
 @pytest.mark.parametrize(
     ("names", "expected"),
     [

@@ -350,7 +350,17 @@ def test_instance_listing_has_the_spec_fields_in_rfc3339_utc() -> None:
         "registered_at",
         "last_heartbeat",
         "expires_at",
+        "health_reason",  # beyond SPEC's list: why not healthy, and an ejection's end
+        "health_until",
     }
+    assert (listed["health_reason"], listed["health_until"]) == (None, None)  # healthy
+    instance.health, instance.health_reason = "ejected", "5 5xx answers in a row"
+    instance.health_until = 1_700_000_100.0
+    ejected = instance.to_dict()
+    assert ejected["health_reason"] == "5 5xx answers in a row"
+    assert ejected["health_until"] == "2023-11-14T22:15:00.000Z"
+    instance.health = "healthy"  # back: what was said of it goes
+    assert (instance.to_dict()["health_reason"], instance.to_dict()["health_until"]) == (None, None)
     assert listed["id"] == "10.0.0.5:9000"
     assert listed["state"] == "up"
     assert listed["health"] == "healthy"

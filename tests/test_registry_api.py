@@ -37,6 +37,8 @@ INSTANCE_FIELDS = {
     "registered_at",
     "last_heartbeat",
     "expires_at",
+    "health_reason",  # beyond SPEC's list: null while healthy
+    "health_until",
 }
 
 

@@ -120,7 +120,20 @@ def format_services(listing: Sequence[tuple[str, Sequence[Any]]], now: float) ->
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
-    return [*table, "", *(summary(name, instances) for name, instances in services)]
+    lines = [*table, "", *(summary(name, instances) for name, instances in services)]
+    return lines + [
+        line for name, instances in services for i in instances if (line := _why(name, i, now))
+    ]
+
+
+def _why(service: str, instance: Mapping[str, Any], now: float) -> str | None:
+    """``web/10.0.0.5:80 ejected (back in 28s): 5 connect failures or timeouts in a row``."""
+    reason = instance.get("health_reason")
+    if not reason:
+        return None
+    until = instance.get("health_until")
+    back = f" (back in {_expires(until, now)})" if until is not None else ""
+    return f"{service}/{instance.get('id', '?')} {instance.get('health', '?')}{back}: {reason}"
 
 
 def _instance_key(instance: Mapping[str, Any]) -> list[Any]:

@@ -68,6 +68,15 @@ def _schemas(max_ttl: float) -> dict[str, Any]:
         "registered_at": _RFC3339,
         "last_heartbeat": _RFC3339,
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "health_reason": {
+            "type": ["string", "null"],
+            "description": "why health is not healthy: a check's failure, what ejected it",
+        },
+        "health_until": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "when an ejection ends",
+        },
     }
     lease = {
         "ttl": {"type": "number", "description": "seconds"},

@@ -92,6 +92,12 @@ class Instance:
             "registered_at": rfc3339(self.registered_at),
             "last_heartbeat": rfc3339(self.last_heartbeat),
             "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
+            "health_reason": (self.health_reason or None) if self.health != "healthy" else None,
+            "health_until": (
+                rfc3339(self.health_until)
+                if self.health_until is not None and self.health == "ejected"
+                else None
+            ),
         }
 
 
