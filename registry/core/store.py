@@ -635,19 +635,33 @@ class Registry:
             return self._panic_pick(service, exclude)
         if count == 0:
             return None
-        chosen: Instance | None = None
-        if service.balancing is not None:
-            chosen = self._balanced(service, service.balancing, exclude, routable, service)
-        elif len(service.weights) == 1:  # equal weights: a plain rotation is the same order
-            chosen, service.turn = _rotate(routable, service.turn, exclude)
-        else:
-            schedule = service.schedule
-            if schedule is None:
-                schedule = service.schedule = WeightedRoundRobin(routable)
-            chosen = schedule.pick(exclude)
+        # equal weights: a plain rotation is the same order as the weighted schedule
+        chosen = self._pick_among(service, routable, service, len(service.weights) == 1, exclude)
         if chosen is not None and self._ended(service, chosen):
             return self.pick(name, exclude)
         return chosen
+
+    def _pick_among(
+        self,
+        service: _Service,
+        members: list[Instance],
+        rotation: _Rotation,
+        equal: bool,
+        exclude: Collection[str],
+    ) -> Instance | None:
+        """The pick among ``members`` (not empty: the service's routable instances, or a
+        canary subset of them, whose round-robin place is ``rotation``): by the service's
+        Balancing if it has one, else plain rotation when the weights are ``equal``,
+        else smooth weighted round-robin."""
+        if service.balancing is not None:
+            return self._balanced(service, service.balancing, exclude, members, rotation)
+        if equal:
+            chosen, rotation.turn = _rotate(members, rotation.turn, exclude)
+            return chosen
+        schedule = rotation.schedule
+        if schedule is None:
+            schedule = rotation.schedule = WeightedRoundRobin(members)
+        return schedule.pick(exclude)
 
     def _ended(self, service: _Service, chosen: Instance) -> bool:
         """The check every pick makes: whether the lease of the instance it chose has
@@ -773,17 +787,9 @@ class Registry:
             members = [i for i in service.routable if _has_all(i.metadata, metadata)]
             matching = self._matching[key] = _Matching(service.index, members)
         members = matching.members
-        chosen: Instance | None = None
-        if service.balancing is not None:  # the service's balancer, within the subset
-            if members:
-                chosen = self._balanced(service, service.balancing, exclude, members, matching)
-        elif matching.equal:
-            chosen, matching.turn = _rotate(members, matching.turn, exclude)
-        else:
-            schedule = matching.schedule
-            if schedule is None:
-                schedule = matching.schedule = WeightedRoundRobin(members)
-            chosen = schedule.pick(exclude)
+        if not members:
+            return None
+        chosen = self._pick_among(service, members, matching, matching.equal, exclude)
         if chosen is not None and self._ended(service, chosen):  # the list is rebuilt
             return self.pick_matching(name, metadata, exclude)
         return chosen
