@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.config.describe import plural
-from gateway.config.model import parse_listen
+from gateway.config.model import parse_listen, parse_port
 from registry.client.http import AdminClient, AdminError, AdminUnreachable, describe_failure
 from registry.client.sidecar import Sidecar, log
 from registry.core.errors import InvalidField
@@ -30,7 +30,6 @@ from registry.core.models import (
     validate_host,
     validate_id,
     validate_metadata,
-    validate_port,
     validate_scheme,
     validate_service_name,
     validate_weight,
@@ -237,16 +236,15 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
 def parse_instance_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` of an instance: no wildcard host, no port 0."""
 
+    host_text, sep, port_text = address.rpartition(":")
+    if sep and host_text:  # the port's own rule first: 1.. for an instance
+        parse_port(port_text, 1, f"invalid address {address!r}")
     try:
         host, port = parse_listen(address)
-        return validate_host(host), validate_port(port)
+        return validate_host(host), port
     except InvalidField as exc:
         raise ValueError(f"invalid address {address!r}: {exc.message}") from None
-    except ValueError as exc:
-        if "port must be" in str(exc):  # the port's own rule: 1.. for an instance
-            raise ValueError(
-                f"invalid address {address!r}: port must be an integer in 1..65535"
-            ) from None
+    except ValueError:
         raise ValueError(
             f"invalid address {address!r}: use HOST:PORT or [IPv6]:PORT, e.g. 127.0.0.1:9001"
         ) from None
