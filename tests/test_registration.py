@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from registry.client.registration import Registration, register_app
 from tests.conftest import RunningGateway
+from tests.test_metrics import _scrape, _value
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 ROUTES = "routes:\n  - prefix: /\n    service: web\n"
@@ -128,13 +129,11 @@ async def test_registration_waits_for_the_port_to_accept_connections(
 
 
 async def upstream_errors(gw: RunningGateway) -> float:
-    async with gw.session.get(gw.admin_url + "/metrics") as response:
-        text = await response.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("gateway_upstream_errors_total{") and 'service="web"' in line
-    )
+    """gateway_upstream_errors_total of service web, every reason (SPEC section 6)."""
+    text, _ = await _scrape(gw)
+    name = "gateway_upstream_errors_total"
+    reasons = ("connect", "timeout", "reset", "protocol")
+    return sum(_value(text, name, service="web", reason=reason) or 0 for reason in reasons)
 
 
 class Load:
