@@ -360,7 +360,7 @@ def drain(
         if timeout is None:
             return 0
         deadline = clock() + timeout
-        while (instance := _instance(client, service, instance_id)) is not None:
+        while (instance := client.instance(service, instance_id)) is not None:
             if instance.get("in_flight") == 0:
                 print(f"{label} has no requests in flight", flush=True)
                 return 0
@@ -381,17 +381,6 @@ def drain(
 def _in_flight(instance: Mapping[str, Any]) -> str:
     count = instance.get("in_flight")
     return plural(count, "request") if isinstance(count, int) else "? requests"
-
-
-def _instance(client: AdminClient, service: str, instance_id: str) -> dict[str, Any] | None:
-    """The instance as listed, or None once it (or its whole service) is gone."""
-    try:
-        instances = _listed(client.service(service))
-    except AdminError as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return next((i for i in instances if isinstance(i, dict) and i.get("id") == instance_id), None)
 
 
 def deregister(admin_url: str, token: str | None, service: str, instance_id: str) -> int:

@@ -74,6 +74,20 @@ class AdminClient:
     def service(self, name: str) -> dict[str, Any]:
         return _object(self._call("GET", _service_path(name)))
 
+    def instance(self, service: str, instance_id: str) -> dict[str, Any] | None:
+        """The instance as listed, or None once it (or its whole service) is gone."""
+        try:
+            instances = self.service(service).get("instances")
+        except AdminError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if not isinstance(instances, list):
+            return None
+        return next(
+            (i for i in instances if isinstance(i, dict) and i.get("id") == instance_id), None
+        )
+
     def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
         headers = {"Accept": "application/json"}
         if self.token:

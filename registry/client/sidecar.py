@@ -229,7 +229,7 @@ class Sidecar:
         body = {"state": "draining", "deregister_when_idle": True}
         self.client.update(self.service, self.instance_id, body)
         waited = 0.0
-        while self._listed():
+        while self.client.instance(self.service, self.instance_id) is not None:
             if waited >= self.drain_timeout:
                 self.client.deregister(self.service, self.instance_id)
                 log.warning(
@@ -244,15 +244,6 @@ class Sidecar:
             waited += DRAIN_POLL
         log.info("deregistered %s", self.label)
         return 0
-
-    def _listed(self) -> bool:
-        try:
-            instances = self.client.service(self.service).get("instances", [])
-        except AdminError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return any(isinstance(i, dict) and i.get("id") == self.instance_id for i in instances)
 
     def _not_deregistered(self, why: str) -> int:
         log.warning(
