@@ -25,8 +25,17 @@ V1 = selector({"version": "1"})
 V2 = selector({"version": "2"})
 
 
-def add(registry: Registry, port: int, weight: int = 1, **metadata: str) -> str:
-    body = {"host": "10.0.0.5", "port": port, "weight": weight, "metadata": metadata}
+def add(
+    registry: Registry, port: int, weight: int = 1, ttl: str | None = None, **metadata: str
+) -> str:
+    body: dict[str, Any] = {
+        "host": "10.0.0.5",
+        "port": port,
+        "weight": weight,
+        "metadata": metadata,
+    }
+    if ttl is not None:
+        body["ttl"] = ttl
     return registry.register("users", body)[0].id
 
 
@@ -80,14 +89,9 @@ def test_pick_matching_ramps_a_new_subset_member_by_slow_start(
     registry: Registry, clock: FakeClock
 ) -> None:
     registry.set_balancing({"users": Balancing(ROUND_ROBIN, slow_start=30.0)})
-
-    def lasting(port: int) -> str:  # longer than the test's clock moves
-        body = {"host": "10.0.0.5", "port": port, "ttl": "1h", "metadata": {"version": "2"}}
-        return registry.register("users", body)[0].id
-
-    warm = lasting(9001)
+    warm = add(registry, 9001, ttl="1h", version="2")  # outlasts the clock's moves
     clock.advance(60.0)
-    new = lasting(9002)
+    new = add(registry, 9002, ttl="1h", version="2")
     at_start = Counter(picks(registry, V2, 110))
     assert at_start[new] == 10 and at_start[warm] == 100  # weight 0.1 against 1
     clock.advance(30.0)
